@@ -1,0 +1,112 @@
+// Storage types of the kernels and their conversions to the compute type, framework-free.
+//
+// Half and BFloat16 are layout-compatible with Eigen::half / Eigen::bfloat16 / __half /
+// __nv_bfloat16 (one uint16), so framework code reinterpret_casts its pointers to them.
+// The conversions are written with integer bit operations (no F16C or CUDA intrinsics
+// needed) so that CPU loops over them vectorise and the same code runs on the device.
+#pragma once
+
+#include <cstdint>
+
+#include "segloss_math.h"
+
+namespace fused_segloss {
+
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+// The dtypes a kernel is instantiated for (one list, used by every instantiation macro).
+#define FSL_FOR_EACH_LOGIT_TYPE(M, ...) \
+  M(float, __VA_ARGS__)                 \
+  M(double, __VA_ARGS__)                \
+  M(::fused_segloss::Half, __VA_ARGS__) \
+  M(::fused_segloss::BFloat16, __VA_ARGS__)
+
+#define FSL_FOR_EACH_LABEL_TYPE(M, ...) \
+  M(float, __VA_ARGS__)                 \
+  M(double, __VA_ARGS__)                \
+  M(::fused_segloss::Half, __VA_ARGS__) \
+  M(::fused_segloss::BFloat16, __VA_ARGS__) \
+  M(uint8_t, __VA_ARGS__)               \
+  M(bool, __VA_ARGS__)
+
+// Compute type: float64 stays float64; everything else is computed in float32.
+template <typename T>
+struct ComputeTypeOf {
+  using type = float;
+};
+template <>
+struct ComputeTypeOf<double> {
+  using type = double;
+};
+
+FSL_HD float ToCompute(float v) { return v; }
+FSL_HD double ToCompute(double v) { return v; }
+FSL_HD float ToCompute(uint8_t v) { return static_cast<float>(v); }
+FSL_HD float ToCompute(bool v) { return v ? 1.0f : 0.0f; }
+FSL_HD float ToCompute(BFloat16 v) { return BitsToFloat(static_cast<int32_t>(v.bits) << 16); }
+
+// IEEE half -> float, exact for every input including subnormals, inf and NaN:
+// shift exponent+mantissa into float position, rebias by multiplying with 2^112
+// (which also normalises subnormals), then force the exponent for inf/NaN.
+FSL_HD float ToCompute(Half v) {
+  const int32_t magnitude = v.bits & 0x7fff;
+  const float scaled = BitsToFloat(magnitude << 13) * 5.192296858534828e+33f;  // 2^112
+  const int32_t inf_nan = magnitude >= 0x7c00 ? 0x7f800000 : 0;
+  const int32_t sign = static_cast<int32_t>(v.bits & 0x8000) << 16;
+  return BitsToFloat(FloatBits(scaled) | inf_nan | sign);
+}
+
+// Compute type -> storage type, round to nearest even.
+template <typename T>
+struct FromCompute;
+template <>
+struct FromCompute<float> {
+  FSL_HD static float Convert(float v) { return v; }
+};
+template <>
+struct FromCompute<double> {
+  FSL_HD static double Convert(double v) { return v; }
+};
+template <>
+struct FromCompute<BFloat16> {
+  FSL_HD static BFloat16 Convert(float v) {
+    const int32_t bits = FloatBits(v);
+    const int32_t rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+    const bool is_nan = (bits & 0x7fffffff) > 0x7f800000;
+    BFloat16 out;
+    out.bits = static_cast<uint16_t>(is_nan ? ((bits >> 16) | 0x40) : rounded);
+    return out;
+  }
+};
+template <>
+struct FromCompute<Half> {
+  // float -> half, round to nearest even, with overflow to inf, subnormals and NaN.
+  FSL_HD static Half Convert(float v) {
+    const int32_t bits = FloatBits(v);
+    const int32_t sign = (bits >> 16) & 0x8000;
+    const int32_t magnitude = bits & 0x7fffffff;
+    int32_t result;
+    if (magnitude > 0x7f800000) {
+      result = 0x7e00;  // NaN
+    } else if (magnitude >= 0x477ff000) {
+      result = 0x7c00;  // rounds to >= 65520: inf
+    } else if (magnitude < 0x38800000) {
+      // Subnormal half: adding 0.5 aligns the mantissa so the float adder rounds for us.
+      const float shifted = BitsToFloat(magnitude) + 0.5f;
+      result = FloatBits(shifted) - FloatBits(0.5f);
+    } else {
+      const int32_t odd = (magnitude >> 13) & 1;
+      result = (magnitude - (112 << 23) + 0xfff + odd) >> 13;
+    }
+    Half out;
+    out.bits = static_cast<uint16_t>(result | sign);
+    return out;
+  }
+};
+
+}  // namespace fused_segloss

@@ -1,0 +1,68 @@
+// Framework-free CPU kernels of fused_segloss: the [B, C, 8] statistics and their
+// gradient with respect to the logits. Used by the TF OpKernels, the XLA FFI handlers
+// and the pybind11 module; each supplies its own thread pool through ParallelFor.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "segloss_math.h"
+
+namespace fused_segloss {
+
+enum class DType : int { kFloat32 = 0, kFloat64, kFloat16, kBFloat16, kUInt8, kBool };
+
+const char* DTypeName(DType dtype);
+
+// One call's inputs. Pointers are to dense row-major buffers.
+struct SeglossProblem {
+  ProblemShape shape;  // logits viewed as [B, N, C] or [B, C, N]
+  DType logits_dtype = DType::kFloat32;
+  const void* logits = nullptr;
+  DType labels_dtype = DType::kFloat32;
+  const void* labels = nullptr;  // same shape as logits
+  // Optional float32 weights in the canonical view of the logits' layout, each axis
+  // 1 (broadcast) or full: [Bw, Nw, Cw] (channels_last) or [Bw, Cw, Nw] (channels_first).
+  const float* weights = nullptr;
+  int64_t weights_batch = 1, weights_positions = 1, weights_classes = 1;
+  const float* pos_weight = nullptr;  // optional [C]
+  bool squared = false;
+};
+
+// Runs fn(begin, end) over disjoint ranges covering [0, n), possibly concurrently.
+// cost_per_item is a hint (nanoseconds-ish) for the pool's splitting.
+using RangeFn = std::function<void(int64_t begin, int64_t end)>;
+using ParallelFor = std::function<void(int64_t n, int64_t cost_per_item, const RangeFn& fn)>;
+
+// A ParallelFor that runs everything on the calling thread.
+void SerialFor(int64_t n, int64_t cost_per_item, const RangeFn& fn);
+
+// Checks shapes, dtypes and pointers. Returns "" when valid, else a message that
+// names the argument and what was expected.
+std::string ValidateProblem(const SeglossProblem& problem);
+
+// stats_out: float32 [B, C, 8]. Returns "" or an error message (invalid labels or
+// weights are detected during the pass). Bitwise deterministic for any ParallelFor:
+// the work is cut into fixed items whose partial sums are combined in a fixed order.
+std::string ComputeStatsCpu(const SeglossProblem& problem, const ParallelFor& parallel_for,
+                            float* stats_out);
+
+// grad_stats: float32 [B, C, 8] (dL/dstats). grad_logits_out: same shape and dtype as
+// the logits. Returns "" or an error message.
+std::string ComputeLogitGradCpu(const SeglossProblem& problem, const float* grad_stats,
+                                const ParallelFor& parallel_for, void* grad_logits_out);
+
+// The fixed partition of the forward pass into work items (exposed for tests).
+struct StatsWorkPlan {
+  int64_t positions_per_item = 0;
+  int64_t items_per_row = 0;  // per image (channels_last) or per (image, class)
+  int64_t num_items = 0;
+};
+StatsWorkPlan MakeStatsWorkPlan(const ProblemShape& shape);
+
+// The lane period of the accumulators: a multiple of C (channels_last) so that lane j
+// always holds class j % C, and at least 16 lanes wide so the loop vectorises.
+int64_t AccumulatorPeriod(const ProblemShape& shape);
+
+}  // namespace fused_segloss

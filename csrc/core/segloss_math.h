@@ -1,0 +1,214 @@
+// The per-element math of fused_segloss, in one place (DESIGN §2).
+//
+// Every kernel (CPU, CUDA, and the XLA FFI handlers, which call the CPU and CUDA
+// kernels) evaluates the loss terms through the functions in this header, so the
+// formula exists exactly once. Everything here is branch-free (selects only), so that
+// the CPU loops auto-vectorise and CUDA warps do not diverge.
+//
+// Notation: x = logit, z = label in [0, 1], w = element weight (>= 0),
+// pw = pos_weight of the element's class, k = 2 if squared else 1.
+//   e  = exp(-|x|)                       (in (0, 1]; the only exp per element)
+//   l  = log1p(e)                        (the only log per element)
+//   softplus(x)  = max(x, 0) + l,  softplus(-x) = max(-x, 0) + l
+//   p  = sigmoid(x) = 1/(1+e) if x >= 0 else e/(1+e);   p(1-p) = e/(1+e)^2
+//   ce = pw·z·softplus(-x) + (1-z)·softplus(x)
+//   ce' = dce/dx = (1-z)·p - pw·z·(1-p)
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define FSL_HD __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define FSL_HD inline __attribute__((always_inline))
+#endif
+
+namespace fused_segloss {
+
+// Columns of the [B, C, 8] statistics tensor (DESIGN §2.1).
+enum StatColumn : int {
+  kCeSum = 0,
+  kWeightSum = 1,
+  kIntersection = 2,
+  kPredSum = 3,
+  kLabelSum = 4,
+  kHardTp = 5,
+  kHardPred = 6,
+  kHardLabel = 7,
+  kNumStats = 8,
+};
+
+// ---------------------------------------------------------------------------
+// Bit casts (memcpy on the host: defined behaviour, and the vectoriser sees a move).
+FSL_HD int32_t FloatBits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  int32_t i;
+  std::memcpy(&i, &f, sizeof(i));
+  return i;
+#endif
+}
+FSL_HD float BitsToFloat(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float f;
+  std::memcpy(&f, &i, sizeof(f));
+  return f;
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// exp(t) for t <= 0 in float, branch-free. Cody–Waite reduction t = n·ln2 + r with
+// |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (truncation < 5e-9 relative),
+// and 2^n built in the exponent bits. t is clamped at -87 so 2^n stays a normal
+// float; exp(-87) = 1.6e-38 is indistinguishable from 0 in every use below.
+// NaN passes through (the clamp compares false, the polynomial stays NaN).
+FSL_HD float ExpNonPositive(float t) {
+  t = t < -87.0f ? -87.0f : t;
+  const float kMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
+  const float shifted = t * 1.44269504088896341f + kMagic;
+  const float n = shifted - kMagic;
+  const int32_t n_int = FloatBits(shifted) - FloatBits(kMagic);
+  // ln2 split so that n·kLn2Hi is exact for |n| < 2^10.
+  const float r = (t - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float poly = 1.0f / 5040.0f;
+  poly = poly * r + 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  return poly * BitsToFloat((n_int + 127) << 23);
+}
+
+// log1p(e) for e in [0, 1], float, branch-free: log1p(e) = 2·atanh(s) with
+// s = e/(2+e) in [0, 1/3]; the odd series 2s(1 + s²/3 + s⁴/5 + ...) truncated after
+// s^15 has relative error < 2e-9 there and is exact to first order as e -> 0.
+FSL_HD float Log1pUnit(float e) {
+  const float s = e / (2.0f + e);
+  const float s2 = s * s;
+  float poly = 1.0f / 15.0f;
+  poly = poly * s2 + 1.0f / 13.0f;
+  poly = poly * s2 + 1.0f / 11.0f;
+  poly = poly * s2 + 1.0f / 9.0f;
+  poly = poly * s2 + 1.0f / 7.0f;
+  poly = poly * s2 + 1.0f / 5.0f;
+  poly = poly * s2 + 1.0f / 3.0f;
+  poly = poly * s2 + 1.0f;
+  return 2.0f * s * poly;
+}
+
+// float64 inputs are computed in float64 with the library functions (accuracy over speed).
+FSL_HD double ExpNonPositive(double t) { return exp(t); }
+FSL_HD double Log1pUnit(double e) { return log1p(e); }
+
+// ---------------------------------------------------------------------------
+// The shared intermediates of one element.
+template <typename T>
+struct SigmoidParts {
+  T e;        // exp(-|x|)
+  T p;        // sigmoid(x)
+  T one_m_p;  // 1 - sigmoid(x), computed without cancellation
+  T p_1mp;    // p·(1-p) = e/(1+e)^2
+};
+
+template <typename T>
+FSL_HD SigmoidParts<T> ComputeSigmoidParts(T x) {
+  SigmoidParts<T> s;
+  const T abs_x = x < T(0) ? -x : x;
+  s.e = ExpNonPositive(-abs_x);
+  const T inv = T(1) / (T(1) + s.e);
+  const T e_inv = s.e * inv;
+  // x >= 0 is false for NaN, so NaN flows into p through e.
+  s.p = x >= T(0) ? inv : e_inv;
+  s.one_m_p = x >= T(0) ? e_inv : inv;
+  s.p_1mp = e_inv * inv;
+  return s;
+}
+
+// The eight statistics contributions of one element (DESIGN §2.1 table).
+template <typename T, bool kSquared>
+FSL_HD void ForwardTerms(T x, T z, T w, T pos_weight, T out[kNumStats]) {
+  const SigmoidParts<T> s = ComputeSigmoidParts(x);
+  const T log_term = Log1pUnit(s.e);
+  const T softplus_pos = (x > T(0) ? x : T(0)) + log_term;   // softplus(x)
+  const T softplus_neg = (x < T(0) ? -x : T(0)) + log_term;  // softplus(-x)
+  const T ce = pos_weight * z * softplus_neg + (T(1) - z) * softplus_pos;
+  const T pred_hard = x > T(0) ? T(1) : T(0);
+  const T label_hard = z >= T(0.5) ? T(1) : T(0);
+  out[kCeSum] = w * ce;
+  out[kWeightSum] = w;
+  out[kIntersection] = w * s.p * z;
+  out[kPredSum] = kSquared ? w * s.p * s.p : w * s.p;
+  out[kLabelSum] = kSquared ? w * z * z : w * z;
+  out[kHardTp] = w * pred_hard * label_hard;
+  out[kHardPred] = w * pred_hard;
+  out[kHardLabel] = w * label_hard;
+}
+
+// dL/dx of one element given the upstream gradients of the differentiable columns
+// (DESIGN §2.2): g_ce = dL/d ce_sum, g_inter = dL/d intersection, g_pred = dL/d pred_sum.
+//   d(w·ce)/dx      = w·ce'
+//   d(w·p·z)/dx     = w·z·p(1-p)
+//   d(w·p^k)/dx     = w·k·p^(k-1)·p(1-p)
+template <typename T, bool kSquared>
+FSL_HD T LogitGradient(T x, T z, T w, T pos_weight, T g_ce, T g_inter, T g_pred) {
+  const SigmoidParts<T> s = ComputeSigmoidParts(x);
+  const T ce_grad = (T(1) - z) * s.p - pos_weight * z * s.one_m_p;
+  const T pred_grad = kSquared ? T(2) * s.p * s.p_1mp : s.p_1mp;
+  return w * (g_ce * ce_grad + g_inter * z * s.p_1mp + g_pred * pred_grad);
+}
+
+// A label is valid when 0 <= z <= 1 (NaN is invalid); a weight when 0 <= w < inf.
+template <typename T>
+FSL_HD bool LabelIsValid(T z) { return (z >= T(0)) & (z <= T(1)); }
+template <typename T>
+FSL_HD bool WeightIsValid(T w) { return (w >= T(0)) & (w <= T(3.0e38)); }
+
+// ---------------------------------------------------------------------------
+// Index math (int64 throughout). The logits are viewed as [B, N, C]
+// (channels_last) or [B, C, N] (channels_first), N = product of spatial dims.
+// Weights are viewed the same way with every axis either 1 (broadcast) or full;
+// a broadcast axis has stride 0.
+struct ProblemShape {
+  int64_t batch = 0;
+  int64_t positions = 0;  // N
+  int64_t classes = 0;    // C
+  bool channels_last = true;
+};
+
+struct WeightStrides {
+  int64_t batch = 0, position = 0, klass = 0;
+};
+
+FSL_HD int64_t ElementIndex(const ProblemShape& s, int64_t b, int64_t n, int64_t c) {
+  return s.channels_last ? (b * s.positions + n) * s.classes + c
+                         : (b * s.classes + c) * s.positions + n;
+}
+
+// Strides of a canonical weight view whose dims are each 1 or full.
+FSL_HD WeightStrides MakeWeightStrides(const ProblemShape& s, int64_t w_batch,
+                                       int64_t w_positions, int64_t w_classes) {
+  WeightStrides st;
+  if (s.channels_last) {  // [Bw, Nw, Cw]
+    st.klass = w_classes == 1 ? 0 : 1;
+    st.position = w_positions == 1 ? 0 : w_classes;
+    st.batch = w_batch == 1 ? 0 : w_positions * w_classes;
+  } else {  // [Bw, Cw, Nw]
+    st.position = w_positions == 1 ? 0 : 1;
+    st.klass = w_classes == 1 ? 0 : w_positions;
+    st.batch = w_batch == 1 ? 0 : w_classes * w_positions;
+  }
+  return st;
+}
+
+FSL_HD int64_t WeightIndex(const WeightStrides& st, int64_t b, int64_t n, int64_t c) {
+  return b * st.batch + n * st.position + c * st.klass;
+}
+
+}  // namespace fused_segloss

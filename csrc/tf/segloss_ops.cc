@@ -1,0 +1,67 @@
+// Op registrations and shape functions (kernels live in segloss_kernels_*.cc).
+//
+// The Python layer canonicalises the optional inputs before calling these ops:
+//   weights:    float32 [Bw, Nw, Cw] (channels_last) or [Bw, Cw, Nw] (channels_first),
+//               every axis 1 or full; a rank-1 empty tensor means "no weights".
+//   pos_weight: float32 [C]; an empty tensor means "all ones".
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace tensorflow {
+namespace {
+
+using shape_inference::DimensionHandle;
+using shape_inference::InferenceContext;
+using shape_inference::ShapeHandle;
+
+absl::Status StatsShape(InferenceContext* c) {
+  ShapeHandle logits;
+  TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 2, &logits));
+  TF_RETURN_IF_ERROR(c->WithRankAtMost(logits, 5, &logits));
+  ShapeHandle labels;
+  TF_RETURN_IF_ERROR(c->Merge(logits, c->input(1), &labels));
+  std::string data_format;
+  TF_RETURN_IF_ERROR(c->GetAttr("data_format", &data_format));
+  const bool channels_last = data_format == "channels_last";
+  DimensionHandle classes = c->Dim(logits, channels_last ? -1 : 1);
+  c->set_output(0, c->MakeShape({c->Dim(logits, 0), classes, c->MakeDim(8)}));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+REGISTER_OP("FusedSeglossStats")
+    .Input("logits: T")
+    .Input("labels: TL")
+    .Input("weights: float")
+    .Input("pos_weight: float")
+    .Output("stats: float")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("TL: {half, bfloat16, float, double, uint8, bool}")
+    .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
+    .Attr("squared: bool = false")
+    .SetShapeFn(StatsShape)
+    .Doc(R"doc(
+Per-image, per-class sums [B, C, 8] of the sigmoid cross-entropy and soft-Dice terms
+(ce_sum, weight_sum, intersection, pred_sum, label_sum, hard_tp, hard_pred, hard_label).
+)doc");
+
+REGISTER_OP("FusedSeglossStatsGrad")
+    .Input("logits: T")
+    .Input("labels: TL")
+    .Input("weights: float")
+    .Input("pos_weight: float")
+    .Input("grad_stats: float")
+    .Output("grad_logits: T")
+    .Attr("T: {half, bfloat16, float, double}")
+    .Attr("TL: {half, bfloat16, float, double, uint8, bool}")
+    .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
+    .Attr("squared: bool = false")
+    .SetShapeFn([](InferenceContext* c) {
+      c->set_output(0, c->input(0));
+      return absl::OkStatus();
+    })
+    .Doc("Gradient of FusedSeglossStats with respect to the logits.");
+
+}  // namespace tensorflow

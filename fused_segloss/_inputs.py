@@ -1,0 +1,150 @@
+"""Input checks and canonical forms, in one place for every entry point.
+
+Static problems (ranks, shapes known while tracing, dtypes, option strings) raise
+ValueError naming the argument. Data-dependent problems (labels outside [0, 1],
+negative weights) are found by the kernels (InvalidArgumentError) or, on the reference
+path, by tf.debugging assertions with the same wording.
+"""
+from typing import NamedTuple, Optional
+
+import tensorflow as tf
+
+LOGIT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+LABEL_DTYPES = LOGIT_DTYPES + (tf.uint8, tf.bool)
+DATA_FORMATS = ("channels_last", "channels_first")
+IMPLEMENTATIONS = ("auto", "fused", "reference")
+
+
+def _names(dtypes):
+    return ", ".join(d.name for d in dtypes)
+
+
+def check_choice(name, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+class Prepared(NamedTuple):
+    logits: tf.Tensor
+    labels: tf.Tensor
+    weights: Optional[tf.Tensor]      # float32, same rank as logits, broadcastable
+    pos_weight: Optional[tf.Tensor]   # float32 [C]
+    channels_last: bool
+    squared: bool
+
+    @property
+    def rank(self):
+        return self.logits.shape.rank
+
+    @property
+    def class_axis(self):
+        return self.rank - 1 if self.channels_last else 1
+
+    @property
+    def spatial_axes(self):
+        return [a for a in range(1, self.rank) if a != self.class_axis]
+
+    @property
+    def data_format(self):
+        return "channels_last" if self.channels_last else "channels_first"
+
+
+def _as_tensor(value, name):
+    try:
+        return tf.convert_to_tensor(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"`{name}` could not be converted to a tensor: {exc}") from None
+
+
+def prepare(logits, labels, weights=None, pos_weight=None, data_format="channels_last",
+            squared=False):
+    check_choice("data_format", data_format, DATA_FORMATS)
+    if not isinstance(squared, bool):
+        raise ValueError(f"`squared` must be a bool, got {squared!r}")
+    logits = _as_tensor(logits, "logits")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"`logits` must have dtype {_names(LOGIT_DTYPES)}; got {logits.dtype.name}")
+    labels = _as_tensor(labels, "labels")
+    if labels.dtype not in LABEL_DTYPES:
+        raise ValueError(f"`labels` must have dtype {_names(LABEL_DTYPES)}; got {labels.dtype.name}")
+    rank = logits.shape.rank
+    if rank is None or not 2 <= rank <= 5:
+        raise ValueError(
+            "`logits` must have a known rank from 2 to 5: [B, *spatial, C] (channels_last) or "
+            f"[B, C, *spatial] (channels_first) with 0 to 3 spatial dims; got shape {logits.shape}")
+    if not labels.shape.is_compatible_with(logits.shape):
+        raise ValueError(f"`labels` shape {labels.shape} must equal the `logits` shape {logits.shape}")
+    channels_last = data_format == "channels_last"
+    class_axis = rank - 1 if channels_last else 1
+    classes = logits.shape[class_axis]
+    if classes == 0:
+        raise ValueError(f"`logits` must have at least one class (C >= 1) on axis {class_axis}, "
+                         f"got shape {logits.shape}")
+
+    if weights is not None:
+        weights = _as_tensor(weights, "weights")
+        if not (weights.dtype.is_floating or weights.dtype.is_integer or weights.dtype == tf.bool):
+            raise ValueError(f"`weights` must be a real number tensor, got {weights.dtype.name}")
+        weights = tf.cast(weights, tf.float32)
+        w_rank = weights.shape.rank
+        if w_rank is None or w_rank > rank:
+            raise ValueError(f"`weights` of shape {weights.shape} must have a known rank <= the "
+                             f"logits' rank {rank} and broadcast to {logits.shape}")
+        if w_rank < rank:
+            weights = tf.reshape(weights, [1] * (rank - w_rank) + _dims(weights))
+        for axis, (wd, ld) in enumerate(zip(weights.shape, logits.shape)):
+            if wd is not None and ld is not None and wd not in (1, ld):
+                raise ValueError(f"`weights` of shape {weights.shape} does not broadcast to the "
+                                 f"logits' shape {logits.shape} (axis {axis}: {wd} vs {ld})")
+
+    if pos_weight is not None:
+        pos_weight = tf.cast(_as_tensor(pos_weight, "pos_weight"), tf.float32)
+        if pos_weight.shape.rank != 1 or (
+                classes is not None and pos_weight.shape[0] not in (None, classes)):
+            raise ValueError(f"`pos_weight` must have shape [C] = [{classes}], got {pos_weight.shape}")
+    return Prepared(logits, labels, weights, pos_weight, channels_last, squared)
+
+
+def _dims(t):
+    """Static dims where known, else dynamic scalars (for tf.reshape)."""
+    dynamic = tf.shape(t)
+    return [d if d is not None else dynamic[i] for i, d in enumerate(t.shape)]
+
+
+def canonical_weights(p: Prepared):
+    """The rank-3 view [Bw, Nw, Cw] (or [Bw, Cw, Nw]) the kernels take; empty if absent.
+
+    Batch and class axes keep their size (1 or full). The spatial axes collapse to one:
+    size 1 when they are all 1 (no copy), the full N when none is 1 (a free reshape),
+    and only for a partial spatial broadcast (e.g. a per-row map [B, H, 1, 1]) are the
+    spatial axes materialised with tf.broadcast_to.
+    """
+    if p.weights is None:
+        return tf.zeros([0], tf.float32)
+    w = p.weights
+    spatial = p.spatial_axes
+    w_spatial = [w.shape[a] for a in spatial]
+    if all(d == 1 for d in w_spatial):
+        n = 1
+    elif all(d is not None and d != 1 for d in w_spatial) or not spatial:
+        n = -1
+    elif any(d is None for d in w_spatial):
+        n = -1  # unknown while tracing: the kernel checks the collapsed size at run time
+    else:
+        target = _dims(w)
+        logit_dims = _dims(p.logits)
+        for a in spatial:
+            target[a] = logit_dims[a]
+        w = tf.broadcast_to(w, target)
+        n = -1
+    dims = _dims(w)
+    batch, klass = dims[0], dims[p.class_axis]
+    shape = [batch, n, klass] if p.channels_last else [batch, klass, n]
+    if n == -1 and not spatial:
+        shape = [batch, 1, klass] if p.channels_last else [batch, klass, 1]
+    return tf.reshape(w, shape)
+
+
+def pos_weight_or_empty(p: Prepared):
+    return p.pos_weight if p.pos_weight is not None else tf.zeros([0], tf.float32)

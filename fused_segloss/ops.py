@@ -1,0 +1,78 @@
+"""The public statistics op: input checks, path choice and gradients.
+
+Paths (DESIGN §3): the fused TF op outside XLA, the XLA FFI custom call inside XLA
+(see _xla.py), and the pure-TF reference when the library is unavailable or asked for.
+"""
+import tensorflow as tf
+
+from . import _inputs, _loader, _xla, reference
+
+_OP_TYPE = "FusedSeglossStats"
+_GRAD_OP_TYPE = "FusedSeglossStatsGrad"
+
+
+def library():
+    """The loaded op module, or None."""
+    return _loader.status().module
+
+
+def fused_available():
+    return _loader.status().available
+
+
+def _choose_path(implementation):
+    _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
+    if implementation == "reference":
+        return "reference"
+    if not fused_available():
+        if implementation == "fused":
+            raise RuntimeError(
+                f"implementation='fused' was requested but the op library is unavailable: "
+                f"{_loader.status().reason}. Build it with: {_loader.BUILD_COMMAND}")
+        _loader.warn_fallback_once()
+        return "reference"
+    if _xla.in_xla_context():
+        return "xla" if _xla.available() else "reference"
+    return "fused"
+
+
+def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
+                  data_format="channels_last", squared=False, implementation="auto",
+                  check_numerics=False):
+    """Per-image, per-class sums [B, C, 8] (float32) in one pass over the data.
+
+    Columns: ce_sum, weight_sum, intersection, pred_sum, label_sum, hard_tp, hard_pred,
+    hard_label (DESIGN §2.1). `weights` broadcasts to the logits' shape (w = 0 ignores an
+    element); `pos_weight` is [C]. Gradients flow to `logits` only.
+    """
+    p = _inputs.prepare(logits, labels, weights, pos_weight, data_format, squared)
+    if not isinstance(check_numerics, bool):
+        raise ValueError(f"`check_numerics` must be a bool, got {check_numerics!r}")
+    if check_numerics:
+        p = p._replace(logits=tf.debugging.check_numerics(
+            p.logits, "fused_segloss: `logits` contain NaN or Inf"))
+    path = _choose_path(implementation)
+    if path == "reference":
+        return reference.stats_from_prepared(p)
+    if path == "xla":
+        return _xla.stats(p)
+    return library().fused_segloss_stats(
+        p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p),
+        data_format=p.data_format, squared=p.squared)
+
+
+@tf.RegisterGradient(_OP_TYPE)
+def _stats_grad(op, grad_stats):
+    """One fused backward pass; labels, weights and pos_weight get no gradient."""
+    grad_logits = library().fused_segloss_stats_grad(
+        op.inputs[0], op.inputs[1], op.inputs[2], op.inputs[3], grad_stats,
+        data_format=op.get_attr("data_format"), squared=op.get_attr("squared"))
+    return [grad_logits, None, None, None]
+
+
+@tf.RegisterGradient(_GRAD_OP_TYPE)
+def _stats_grad_grad(op, grad):
+    raise NotImplementedError(
+        f"Second-order gradients of fused_segloss are not implemented: the op {_GRAD_OP_TYPE} "
+        "(gradient of FusedSeglossStats) has no gradient. Use implementation='reference' "
+        "for higher-order derivatives.")

@@ -1,0 +1,57 @@
+"""The pure-TF formulation of segloss_stats (DESIGN §2.1).
+
+It is the test oracle and the automatic fallback: plain TensorFlow ops, differentiated
+by TF autodiff, written for clarity rather than speed. Internals are float32 (float64
+for float64 logits); the result is float32 [B, C, 8].
+"""
+import tensorflow as tf
+
+from . import _inputs
+
+STAT_COLUMNS = ("ce_sum", "weight_sum", "intersection", "pred_sum", "label_sum",
+                "hard_tp", "hard_pred", "hard_label")
+
+
+def check_values(labels, weights):
+    """tf.debugging assertions with the kernels' wording (labels in [0, 1], weights >= 0)."""
+    checks = []
+    if labels.dtype != tf.bool:
+        z = tf.cast(labels, tf.float32)
+        checks.append(tf.debugging.Assert(
+            tf.reduce_all((z >= 0.0) & (z <= 1.0)),
+            ["`labels` must lie in [0, 1] (uint8 labels must be 0 or 1); found values outside "
+             "that range or NaN"]))
+    if weights is not None:
+        checks.append(tf.debugging.Assert(
+            tf.reduce_all((weights >= 0.0) & (weights <= 3.0e38)),
+            ["`weights` must be finite and >= 0; found negative, infinite or NaN values"]))
+    return checks
+
+
+def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
+                  data_format="channels_last", squared=False, validate=True):
+    """[B, C, 8] float32 statistics computed with plain TF ops."""
+    p = _inputs.prepare(logits, labels, weights, pos_weight, data_format, squared)
+    return stats_from_prepared(p, validate=validate)
+
+
+def stats_from_prepared(p: "_inputs.Prepared", validate=True):
+    compute = tf.float64 if p.logits.dtype == tf.float64 else tf.float32
+    deps = check_values(p.labels, p.weights) if validate else []
+    with tf.control_dependencies(deps):
+        x = tf.cast(p.logits, compute)
+    z = tf.cast(p.labels, compute)
+    w = tf.ones_like(x) if p.weights is None else tf.broadcast_to(tf.cast(p.weights, compute),
+                                                                 tf.shape(x))
+    class_shape = [-1] + [1] * (p.rank - 1 - p.class_axis)  # broadcasts along the class axis
+    pw = 1.0 if p.pos_weight is None else tf.reshape(tf.cast(p.pos_weight, compute), class_shape)
+
+    prob = tf.sigmoid(x)
+    ce = pw * z * tf.nn.softplus(-x) + (1.0 - z) * tf.nn.softplus(x)
+    k = 2.0 if p.squared else 1.0
+    pred_hard = tf.stop_gradient(tf.cast(x > 0, compute))
+    label_hard = tf.cast(z >= 0.5, compute)
+    columns = [w * ce, w, w * prob * z, w * prob ** k, w * z ** k,
+               w * pred_hard * label_hard, w * pred_hard, w * label_hard]
+    sums = [tf.reduce_sum(col, axis=p.spatial_axes) for col in columns]  # each [B, C]
+    return tf.cast(tf.stack(sums, axis=-1), tf.float32)
