@@ -64,6 +64,17 @@ class CMakeBuild(build_ext):
             shutil.copy(out_dir / "_build_info.json", ROOT / "fused_segloss" / "_build_info.json")
 
 
+    def copy_extensions_to_source(self):
+        # Editable installs copy the built libraries into the package. Copy to a temporary
+        # name and rename, so a process that has the old library loaded keeps a valid file.
+        for ext in self.extensions:
+            built = Path(self.get_ext_fullpath(ext.name))
+            dest = ROOT / "fused_segloss" / built.name
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copy2(built, tmp)
+            os.replace(tmp, dest)
+
+
 setup(
     name="fused_segloss",
     version="0.1.0",
