@@ -113,36 +113,62 @@ int64_t FillWeights(const SeglossProblem& p, const WeightStrides& strides, const
   return invalid;
 }
 
-// The vectorised heart of the forward pass: one accumulator array of `period` lanes per
-// statistics column. The columns are separate restrict pointers because gcc gives up
-// vectorising when it has to prove at run time that 8 slices of one array never overlap.
-template <typename Compute, bool kSquared>
-int64_t AccumulateBlock(const Compute* __restrict__ x, const Compute* __restrict__ z,
-                        const Compute* __restrict__ w, const Compute* __restrict__ pos_weight,
-                        int64_t count, int64_t period, Compute* __restrict__ ce,
-                        Compute* __restrict__ weight, Compute* __restrict__ inter,
-                        Compute* __restrict__ pred, Compute* __restrict__ label_sum,
-                        Compute* __restrict__ hard_tp, Compute* __restrict__ hard_pred,
-                        Compute* __restrict__ hard_label) {
+// The 8 accumulator columns, each `period` lanes. They are separate restrict pointers
+// because gcc gives up vectorising when it must prove at run time that 8 slices of one
+// array never overlap.
+#define FSL_ACC_PARAMS(C)                                                              \
+  C *__restrict__ ce, C *__restrict__ weight, C *__restrict__ inter, C *__restrict__ pred, \
+      C *__restrict__ label_sum, C *__restrict__ hard_tp, C *__restrict__ hard_pred,     \
+      C *__restrict__ hard_label
+#define FSL_ACC_ARGS ce, weight, inter, pred, label_sum, hard_tp, hard_pred, hard_label
+
+// Adds kRows consecutive rows (row r, lane j = element r·period + j) into the lanes.
+// The rows' terms are summed in registers first, so the accumulators are loaded and
+// stored once per kRows elements: the loop is arithmetic-bound and those memory
+// operations would otherwise cost as much as the math.
+template <typename Compute, bool kSquared, int kRows>
+int64_t AccumulateRows(const Compute* __restrict__ x, const Compute* __restrict__ z,
+                       const Compute* __restrict__ w, const Compute* __restrict__ pos_weight,
+                       int64_t period, int64_t lanes, FSL_ACC_PARAMS(Compute)) {
   int64_t invalid_labels = 0;
-  for (int64_t row = 0; row < count; row += period) {
-    const int64_t lanes = std::min(period, count - row);
-    for (int64_t j = 0; j < lanes; ++j) {
+  for (int64_t j = 0; j < lanes; ++j) {
+    Compute sum[kNumStats] = {};
+    for (int r = 0; r < kRows; ++r) {
       Compute t[kNumStats];
-      const Compute label = z[row + j];
-      ForwardTerms<Compute, kSquared>(x[row + j], label, w[row + j], pos_weight[j], t);
-      invalid_labels += LabelIsValid(label) ? 0 : 1;
-      ce[j] += t[kCeSum];
-      weight[j] += t[kWeightSum];
-      inter[j] += t[kIntersection];
-      pred[j] += t[kPredSum];
-      label_sum[j] += t[kLabelSum];
-      hard_tp[j] += t[kHardTp];
-      hard_pred[j] += t[kHardPred];
-      hard_label[j] += t[kHardLabel];
+      const int64_t i = r * period + j;
+      ForwardTerms<Compute, kSquared>(x[i], z[i], w[i], pos_weight[j], t);
+      invalid_labels += LabelIsValid(z[i]) ? 0 : 1;
+      for (int k = 0; k < kNumStats; ++k) sum[k] += t[k];
     }
+    ce[j] += sum[kCeSum];
+    weight[j] += sum[kWeightSum];
+    inter[j] += sum[kIntersection];
+    pred[j] += sum[kPredSum];
+    label_sum[j] += sum[kLabelSum];
+    hard_tp[j] += sum[kHardTp];
+    hard_pred[j] += sum[kHardPred];
+    hard_label[j] += sum[kHardLabel];
   }
   return invalid_labels;
+}
+
+// The forward pass over one block: lane j accumulates the elements j, j + period, ...
+template <typename Compute, bool kSquared>
+int64_t AccumulateBlock(const Compute* x, const Compute* z, const Compute* w,
+                        const Compute* pos_weight, int64_t count, int64_t period,
+                        FSL_ACC_PARAMS(Compute)) {
+  constexpr int kRows = 4;
+  int64_t invalid = 0, row = 0;
+  for (; row + kRows * period <= count; row += kRows * period) {
+    invalid += AccumulateRows<Compute, kSquared, kRows>(x + row, z + row, w + row, pos_weight,
+                                                        period, period, FSL_ACC_ARGS);
+  }
+  for (; row < count; row += period) {
+    invalid += AccumulateRows<Compute, kSquared, 1>(x + row, z + row, w + row, pos_weight,
+                                                    period, std::min(period, count - row),
+                                                    FSL_ACC_ARGS);
+  }
+  return invalid;
 }
 
 template <typename Compute, bool kSquared>

@@ -62,6 +62,16 @@ FSL_HD float BitsToFloat(int32_t i) {
 }
 
 // ---------------------------------------------------------------------------
+// a·b + c, fused where the hardware has FMA (one rounding, and one instruction instead of
+// two in the polynomials below), plain otherwise.
+FSL_HD float MulAdd(float a, float b, float c) {
+#if defined(__CUDA_ARCH__) || defined(__FMA__)
+  return fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 // exp(t) for t <= 0 in float, branch-free. Cody–Waite reduction t = n·ln2 + r with
 // |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (truncation < 5e-9 relative),
 // and 2^n built in the exponent bits. t is clamped at -87 so 2^n stays a normal
@@ -70,37 +80,36 @@ FSL_HD float BitsToFloat(int32_t i) {
 FSL_HD float ExpNonPositive(float t) {
   t = t < -87.0f ? -87.0f : t;
   const float kMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  const float shifted = t * 1.44269504088896341f + kMagic;
+  const float shifted = MulAdd(t, 1.44269504088896341f, kMagic);
   const float n = shifted - kMagic;
   const int32_t n_int = FloatBits(shifted) - FloatBits(kMagic);
   // ln2 split so that n·kLn2Hi is exact for |n| < 2^10.
-  const float r = (t - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  const float r = MulAdd(n, -1.428606765330187e-06f, MulAdd(n, -0.693145751953125f, t));
   float poly = 1.0f / 5040.0f;
-  poly = poly * r + 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
-  poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
+  poly = MulAdd(poly, r, 1.0f / 720.0f);
+  poly = MulAdd(poly, r, 1.0f / 120.0f);
+  poly = MulAdd(poly, r, 1.0f / 24.0f);
+  poly = MulAdd(poly, r, 1.0f / 6.0f);
+  poly = MulAdd(poly, r, 0.5f);
+  poly = MulAdd(poly, r, 1.0f);
+  poly = MulAdd(poly, r, 1.0f);
   return poly * BitsToFloat((n_int + 127) << 23);
 }
 
-// log1p(e) for e in [0, 1], float, branch-free: log1p(e) = 2·atanh(s) with
-// s = e/(2+e) in [0, 1/3]; the odd series 2s(1 + s²/3 + s⁴/5 + ...) truncated after
-// s^15 has relative error < 2e-9 there and is exact to first order as e -> 0.
+// log1p(e) for e in [0, 1], float, branch-free and division-free: e·P(e) where P is a
+// degree-8 polynomial fitted (Chebyshev nodes) to log1p(e)/e on [0, 1]. Measured max
+// relative error in float32 arithmetic: 1.9e-7 (about 1.6 ulp), exact as e -> 0.
 FSL_HD float Log1pUnit(float e) {
-  const float s = e / (2.0f + e);
-  const float s2 = s * s;
-  float poly = 1.0f / 15.0f;
-  poly = poly * s2 + 1.0f / 13.0f;
-  poly = poly * s2 + 1.0f / 11.0f;
-  poly = poly * s2 + 1.0f / 9.0f;
-  poly = poly * s2 + 1.0f / 7.0f;
-  poly = poly * s2 + 1.0f / 5.0f;
-  poly = poly * s2 + 1.0f / 3.0f;
-  poly = poly * s2 + 1.0f;
-  return 2.0f * s * poly;
+  float poly = 0.005253457929939032f;
+  poly = MulAdd(poly, e, -0.02958850748836994f);
+  poly = MulAdd(poly, e, 0.07836166769266129f);
+  poly = MulAdd(poly, e, -0.13674770295619965f);
+  poly = MulAdd(poly, e, 0.19111430644989014f);
+  poly = MulAdd(poly, e, -0.24844369292259216f);
+  poly = MulAdd(poly, e, 0.33319270610809326f);
+  poly = MulAdd(poly, e, -0.49999502301216125f);
+  poly = MulAdd(poly, e, 1.0f);
+  return e * poly;
 }
 
 // float64 inputs are computed in float64 with the library functions (accuracy over speed).
