@@ -84,32 +84,30 @@ const Compute* AsCompute(const Storage* src, int64_t count, std::vector<Compute>
   }
 }
 
-// Fills the block's weights (broadcast resolved) and counts invalid ones.
+// Fills the block's weights (broadcast resolved) and counts invalid ones. Blocks start at
+// a position boundary (their offset is a multiple of the period, itself a multiple of C).
 template <typename Compute>
 int64_t FillWeights(const SeglossProblem& p, const WeightStrides& strides, const Item& item,
-                    int64_t offset, int64_t count, Compute* out) {
+                    int64_t offset, int64_t count, Compute* __restrict__ out) {
   if (p.weights == nullptr) {
     std::fill(out, out + count, Compute(1));
     return 0;
   }
   const ProblemShape& s = p.shape;
-  int64_t invalid = 0;
+  const float* __restrict__ weights = p.weights;
   if (s.channels_last) {
-    int64_t n = item.begin + offset / s.classes, c = offset % s.classes;
-    for (int64_t e = 0; e < count; ++e) {
-      const float w = p.weights[WeightIndex(strides, item.batch, n, c)];
-      invalid += WeightIsValid(w) ? 0 : 1;
-      out[e] = w;
-      if (++c == s.classes) c = 0, ++n;
+    const int64_t first = item.begin + offset / s.classes;
+    for (int64_t pos = 0; pos < count / s.classes; ++pos) {
+      const float* row = weights + WeightIndex(strides, item.batch, first + pos, 0);
+      Compute* dst = out + pos * s.classes;
+      for (int64_t c = 0; c < s.classes; ++c) dst[c] = row[c * strides.klass];
     }
   } else {
-    const int64_t base = WeightIndex(strides, item.batch, item.begin + offset, item.klass);
-    for (int64_t e = 0; e < count; ++e) {
-      const float w = p.weights[base + e * strides.position];
-      invalid += WeightIsValid(w) ? 0 : 1;
-      out[e] = w;
-    }
+    const float* row = weights + WeightIndex(strides, item.batch, item.begin + offset, item.klass);
+    for (int64_t e = 0; e < count; ++e) out[e] = row[e * strides.position];
   }
+  int64_t invalid = 0;
+  for (int64_t e = 0; e < count; ++e) invalid += WeightIsValid(out[e]) ? 0 : 1;
   return invalid;
 }
 
