@@ -68,8 +68,9 @@ class CMakeBuild(build_ext):
         # Editable installs copy the built libraries into the package. Copy to a temporary
         # name and rename, so a process that has the old library loaded keeps a valid file.
         for ext in self.extensions:
-            built = Path(self.get_ext_fullpath(ext.name))
-            dest = ROOT / "fused_segloss" / built.name
+            filename = self.get_ext_filename(self.get_ext_fullname(ext.name))
+            built = Path(self.build_lib) / filename  # where build_extension wrote it
+            dest = ROOT / filename
             tmp = dest.with_name(dest.name + ".tmp")
             shutil.copy2(built, tmp)
             os.replace(tmp, dest)

@@ -117,8 +117,9 @@ def canonical_weights(p: Prepared):
 
     Batch and class axes keep their size (1 or full). The spatial axes collapse to one:
     size 1 when they are all 1 (no copy), the full N when none is 1 (a free reshape),
-    and only for a partial spatial broadcast (e.g. a per-row map [B, H, 1, 1]) are the
-    spatial axes materialised with tf.broadcast_to.
+    and only for a partial spatial broadcast (e.g. a per-row map [B, H, 1, 1], also
+    with some dims unknown while tracing) are the spatial axes expanded with
+    tf.broadcast_to (which passes already full-size weights through).
     """
     if p.weights is None:
         return tf.zeros([0], tf.float32)
@@ -127,10 +128,10 @@ def canonical_weights(p: Prepared):
     w_spatial = [w.shape[a] for a in spatial]
     if all(d == 1 for d in w_spatial):
         n = 1
-    elif all(d is not None and d != 1 for d in w_spatial) or not spatial:
+    elif all(d != 1 for d in w_spatial) or not spatial:
+        # Full size (or unknown while tracing: then it must be all-1 or full at run time,
+        # which the kernels check, naming `weights`; a partial broadcast needs static 1s).
         n = -1
-    elif any(d is None for d in w_spatial):
-        n = -1  # unknown while tracing: the kernel checks the collapsed size at run time
     else:
         target = _dims(w)
         logit_dims = _dims(p.logits)

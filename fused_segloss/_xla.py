@@ -1,15 +1,267 @@
-"""XLA path placeholder: reports no XLA support until the FFI handlers are wired in."""
-from tensorflow.python.ops import control_flow_util
+"""The XLA path (DESIGN §3): the fused kernels as typed-FFI custom calls inside XLA.
+
+Inside tf.function(jit_compile=True) or Keras' XLA-compiled train step a TF custom op has
+no XLA kernel, so the statistics op and its gradient are emitted as StableHLO
+`custom_call`s (api_version 4, the typed FFI) wrapped in an XlaCallModule op. The
+handlers `fused_segloss_stats` / `fused_segloss_stats_grad` are registered by the op
+library itself (csrc/tf/segloss_xla_ffi.cc) and call the same C++ core as the TF op.
+
+This is the ONE module that imports private TensorFlow modules (control_flow_util,
+tf2xla's call_module, the StableHLO serialiser). If they are missing, or a self-check
+shows that this TF version changed their behaviour, available() is False, one warning
+says why, and ops.py uses the pure-TF reference inside XLA instead: never an error.
+"""
+import functools
+import threading
+import warnings
+
+import numpy as np
 import tensorflow as tf
+
+from . import _inputs, _loader
+
+try:  # private TF modules: isolated here, checked by _self_check()
+    from tensorflow.compiler.mlir.stablehlo import stablehlo as _stablehlo
+    from tensorflow.compiler.tf2xla.python import xla as _tfxla
+    from tensorflow.python.ops import control_flow_util as _control_flow_util
+    _IMPORT_ERROR = None
+except Exception as exc:  # noqa: BLE001 - any import problem means: no XLA path
+    _stablehlo = _tfxla = _control_flow_util = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+STATS_TARGET = "fused_segloss_stats"
+GRAD_TARGET = "fused_segloss_stats_grad"
+
+# StableHLO element types of the dtypes the kernels take (bool is XLA's PRED: i1).
+_ELEMENT_TYPES = {tf.float32: "f32", tf.float64: "f64", tf.float16: "f16",
+                  tf.bfloat16: "bf16", tf.uint8: "ui8", tf.bool: "i1"}
+
+
+class FusedSeglossXlaWarning(UserWarning):
+    """The XLA custom-call path is unavailable; the reference runs inside XLA instead."""
 
 
 def in_xla_context():
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    """True while tracing code that XLA will compile (jit_compile=True or an XLA scope)."""
+    if _control_flow_util is None:
+        return False
+    return bool(_control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
+# ----------------------------------------------------------------------------------------
+# Availability: decided once per process, with at most one warning.
+
+_lock = threading.Lock()
+_available = None
+_reason = ""
+
+
+@tf.autograph.experimental.do_not_convert  # plain Python, often reached while tracing
 def available():
-    return False
+    """Whether the custom-call path can be used; False (with one warning) otherwise."""
+    global _available, _reason
+    if _available is None:
+        with _lock:
+            if _available is None:
+                _reason = _unavailable_reason()
+                _available = not _reason
+                if _reason:
+                    warnings.warn(
+                        f"fused_segloss: the XLA custom-call path is unavailable ({_reason}); "
+                        "inside XLA-compiled code the pure-TF reference is used instead.",
+                        FusedSeglossXlaWarning, stacklevel=3)
+    return _available
 
 
-def stats(prepared):
-    raise NotImplementedError("the XLA custom-call path is not built yet")
+def unavailable_reason():
+    """'' when available(), else why not."""
+    available()
+    return _reason
+
+
+def _unavailable_reason():
+    if _IMPORT_ERROR is not None:
+        return f"TensorFlow's private XLA modules could not be imported ({_IMPORT_ERROR})"
+    status = _loader.status()
+    if not status.available:
+        return f"the op library is unavailable: {status.reason}"
+    if tf.config.list_physical_devices("GPU") and "CUDA" not in platforms():
+        return ("a GPU is visible but the op library was built without CUDA, so there is no "
+                "GPU handler for the custom call")
+    try:
+        return _self_check()
+    except Exception as exc:  # noqa: BLE001 - a changed private API must not break users
+        return f"the self-check failed with {type(exc).__name__}: {exc}"
+
+
+@tf.autograph.experimental.do_not_convert
+def _self_check():
+    """Compiles and runs a tiny custom call and compares it with the TF op ('' if equal).
+
+    It runs eagerly (lifted out of any graph being traced) so that a TF version whose
+    call_module or FFI behaves differently is caught here, not in the user's train step.
+    In TF1-style graph mode there is nothing to run eagerly: the static checks suffice.
+    """
+    for name in ("call_module", "call_module_maximum_supported_version"):
+        if not hasattr(_tfxla, name):
+            return f"tf2xla's xla module has no `{name}`"
+    for name in ("serialize_portable_artifact_str", "get_current_version"):
+        if not hasattr(_stablehlo, name):
+            return f"the StableHLO module has no `{name}`"
+    if not hasattr(_control_flow_util, "GraphOrParentsInXlaContext"):
+        return "control_flow_util has no `GraphOrParentsInXlaContext`"
+    with tf.init_scope():
+        if not tf.executing_eagerly():
+            return ""
+        rng = np.random.default_rng(0)
+        logits = tf.constant(rng.normal(size=(2, 3, 2)), tf.float32)
+        labels = tf.constant(rng.random((2, 3, 2)) < 0.5)  # bool: XLA's one-byte PRED
+        prepared = _inputs.prepare(logits, labels)
+
+        # tf.gradients, not a tape: init_scope pauses every tape on this thread.
+        @tf.function(jit_compile=True, autograph=False)
+        def probe(x):
+            s = stats(prepared._replace(logits=x), _checked=True)
+            return s, tf.gradients(tf.reduce_sum(s), x)[0]
+
+        got_stats, got_grad = probe(logits)
+        lib = _loader.status().module
+        empty = tf.zeros([0], tf.float32)
+        want_stats = lib.fused_segloss_stats(logits, labels, empty, empty)
+        want_grad = lib.fused_segloss_stats_grad(logits, labels, empty, empty,
+                                                 tf.ones_like(want_stats))
+        if not (np.array_equal(got_stats, want_stats) and np.array_equal(got_grad, want_grad)):
+            return "the custom call's result differs from the TF op's"
+    return ""
+
+
+def _reset_for_tests(value=None):
+    """Test hook: force available() to `value` (None: decide again on next use)."""
+    global _available, _reason
+    _available, _reason = value, ("forced off by a test" if value is False else "")
+
+
+# ----------------------------------------------------------------------------------------
+# StableHLO modules
+
+def platforms():
+    """The XlaCallModule platforms: CPU always, CUDA when the library has CUDA handlers."""
+    if _loader.status().build_info.get("cuda") == "ON":
+        return ("CPU", "CUDA")
+    return ("CPU",)
+
+
+def _tensor_type(rank, element):
+    return "tensor<" + "?x" * rank + element + ">"
+
+
+@functools.lru_cache(maxsize=None)
+def _module(target, logits_type, labels_type, rank, channels_last, squared, weights_rank,
+            has_pos_weight, platform_names):
+    """Serialised StableHLO calling `target`; every dimension dynamic (shape-polymorphic).
+
+    The result's shape is computed from the operands' sizes at run time and handed to
+    the custom call as a shape operand (indices_of_shape_operands), which is how XLA
+    refines the dynamic result type when it compiles for concrete shapes. With more than
+    one platform, XlaCallModule passes the platform index as the first argument; the
+    handler is looked up per platform by name, so the module ignores it.
+    """
+    del has_pos_weight  # pos_weight is always an operand ([C] or empty): same module text
+    logits_t = _tensor_type(rank, logits_type)
+    operands = [("logits", logits_t), ("labels", _tensor_type(rank, labels_type)),
+                ("weights", _tensor_type(weights_rank, "f32")),
+                ("pos_weight", _tensor_type(1, "f32"))]
+    class_axis = rank - 1 if channels_last else 1
+    lines = []
+
+    def dim(axis):
+        name = f"%d{axis}"
+        lines.append(f"{name}_s = stablehlo.get_dimension_size %logits, dim = {axis} : "
+                     f"({logits_t}) -> tensor<i32>")
+        lines.append(f"{name} = stablehlo.reshape {name}_s : (tensor<i32>) -> tensor<1xi32>")
+        return name
+
+    if target == STATS_TARGET:
+        operands_in = operands
+        parts = [dim(0), dim(class_axis), "%eight"]
+        lines.append("%eight = stablehlo.constant dense<8> : tensor<1xi32>")
+        result_t = "tensor<?x?x8xf32>"
+    else:
+        operands_in = operands + [("grad_stats", "tensor<?x?x8xf32>")]
+        parts = [dim(axis) for axis in range(rank)]
+        result_t = logits_t
+    n = len(parts)
+    lines.append(f"%shape = stablehlo.concatenate {', '.join(parts)}, dim = 0 : "
+                 f"({', '.join(['tensor<1xi32>'] * n)}) -> tensor<{n}xi32>")
+    call_args = ", ".join(f"%{name}" for name, _ in operands_in) + ", %shape"
+    call_types = ", ".join(t for _, t in operands_in) + f", tensor<{n}xi32>"
+    config = (f"channels_last = {str(channels_last).lower()}, "
+              f"squared = {str(squared).lower()}")
+    lines.append(
+        f"%result = stablehlo.custom_call @{target}({call_args}) {{api_version = 4 : i32, "
+        f"backend_config = {{{config}}}, "
+        f"indices_of_shape_operands = dense<[{len(operands_in)}]> : tensor<1xi64>}} : "
+        f"({call_types}) -> {result_t}")
+    lines.append(f"return %result : {result_t}")
+
+    args = [f"%{name}: {t}" for name, t in operands_in]
+    if len(platform_names) > 1:
+        args.insert(0, "%platform_index: tensor<i32>")
+    body = "\n    ".join(lines)
+    text = (f"module @{target} attributes {{jax.uses_shape_polymorphism = true}} {{\n"
+            f"  func.func public @main({', '.join(args)}) -> {result_t} {{\n"
+            f"    {body}\n  }}\n}}\n")
+    return _stablehlo.serialize_portable_artifact_str(text, _stablehlo.get_current_version())
+
+
+def _call(target, prepared, operands, out_dtype, out_shape):
+    weights, pos_weight = operands[2], operands[3]
+    module = _module(target, _ELEMENT_TYPES[prepared.logits.dtype],
+                     _ELEMENT_TYPES[prepared.labels.dtype], prepared.rank,
+                     prepared.channels_last, prepared.squared, weights.shape.rank,
+                     prepared.pos_weight is not None, platforms())
+    (result,) = _tfxla.call_module(
+        list(operands), version=_tfxla.call_module_maximum_supported_version(),
+        module=module, Tout=[out_dtype], Sout=[out_shape], platforms=list(platforms()))
+    return result
+
+
+# ----------------------------------------------------------------------------------------
+# The op
+
+def stats(prepared, _checked=False):
+    """[B, C, 8] float32 statistics through the custom call, with its fused gradient.
+
+    `prepared` is an _inputs.Prepared. Labels, weights and pos_weight get no gradient.
+    """
+    if not _checked and not available():
+        raise RuntimeError(f"the XLA custom-call path is unavailable: {_reason}")
+    p = prepared
+    weights = _inputs.canonical_weights(p)
+    pos_weight = _inputs.pos_weight_or_empty(p)
+    stats_shape = tf.TensorShape([p.logits.shape[0], p.logits.shape[p.class_axis], 8])
+    forward_was_xla = in_xla_context()
+
+    @tf.custom_gradient
+    def fused(logits):
+        operands = (logits, p.labels, weights, pos_weight)
+        if forward_was_xla:
+            result = _call(STATS_TARGET, p, operands, tf.float32, stats_shape)
+        else:  # called outside XLA (only directly, never through ops.py): the TF op
+            result = _loader.status().module.fused_segloss_stats(
+                *operands, data_format=p.data_format, squared=p.squared)
+
+        def grad(grad_stats):
+            grad_stats = tf.cast(grad_stats, tf.float32)
+            # The backward of an XLA-compiled forward is compiled by XLA too, but it may be
+            # traced outside an XLA context (a tape outside the jit function).
+            if forward_was_xla or in_xla_context():
+                return _call(GRAD_TARGET, p, operands + (grad_stats,), logits.dtype,
+                             logits.shape)
+            from .ops import library  # here: ops imports this module
+            return library().fused_segloss_stats_grad(
+                *operands, grad_stats, data_format=p.data_format, squared=p.squared)
+
+        return result, grad
+
+    return fused(p.logits)

@@ -40,11 +40,13 @@ def stats_from_prepared(p: "_inputs.Prepared", validate=True):
     deps = check_values(p.labels, p.weights) if validate else []
     with tf.control_dependencies(deps):
         x = tf.cast(p.logits, compute)
-    z = tf.cast(p.labels, compute)
-    w = tf.ones_like(x) if p.weights is None else tf.broadcast_to(tf.cast(p.weights, compute),
-                                                                 tf.shape(x))
+    # Only the logits are differentiable (DESIGN §2.2), as in the fused op.
+    z = tf.stop_gradient(tf.cast(p.labels, compute))
+    w = tf.ones_like(x) if p.weights is None else tf.broadcast_to(
+        tf.stop_gradient(tf.cast(p.weights, compute)), tf.shape(x))
     class_shape = [-1] + [1] * (p.rank - 1 - p.class_axis)  # broadcasts along the class axis
-    pw = 1.0 if p.pos_weight is None else tf.reshape(tf.cast(p.pos_weight, compute), class_shape)
+    pw = 1.0 if p.pos_weight is None else tf.reshape(
+        tf.stop_gradient(tf.cast(p.pos_weight, compute)), class_shape)
 
     prob = tf.sigmoid(x)
     ce = pw * z * tf.nn.softplus(-x) + (1.0 - z) * tf.nn.softplus(x)

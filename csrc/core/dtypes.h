@@ -50,15 +50,19 @@ FSL_HD float ToCompute(uint8_t v) { return static_cast<float>(v); }
 FSL_HD float ToCompute(bool v) { return v ? 1.0f : 0.0f; }
 FSL_HD float ToCompute(BFloat16 v) { return BitsToFloat(static_cast<int32_t>(v.bits) << 16); }
 
-// IEEE half -> float, exact for every input including subnormals, inf and NaN:
-// shift exponent+mantissa into float position, rebias by multiplying with 2^112
-// (which also normalises subnormals), then force the exponent for inf/NaN.
+// IEEE half -> float, exact for every input including subnormals, inf and NaN. Normal
+// halves are rebiased in the exponent bits (15 -> 127); subnormal halves are m·2^-24,
+// computed as an int-to-float conversion times a normal constant. (Rebiasing subnormals
+// by multiplying a float subnormal with 2^112 would be shorter, but TF's worker threads
+// run with denormals-are-zero, which turns that operand into 0.)
 FSL_HD float ToCompute(Half v) {
   const int32_t magnitude = v.bits & 0x7fff;
-  const float scaled = BitsToFloat(magnitude << 13) * 5.192296858534828e+33f;  // 2^112
+  const float normal = BitsToFloat((magnitude << 13) + (112 << 23));
+  const float subnormal = static_cast<float>(magnitude) * 5.9604644775390625e-08f;  // 2^-24
   const int32_t inf_nan = magnitude >= 0x7c00 ? 0x7f800000 : 0;
+  const float value = magnitude < 0x0400 ? subnormal : normal;
   const int32_t sign = static_cast<int32_t>(v.bits & 0x8000) << 16;
-  return BitsToFloat(FloatBits(scaled) | inf_nan | sign);
+  return BitsToFloat(FloatBits(value) | inf_nan | sign);
 }
 
 // Compute type -> storage type, round to nearest even.

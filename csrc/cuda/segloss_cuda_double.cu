@@ -1,0 +1,9 @@
+// Kernel instantiations for double logits and every labels dtype (one file per logits
+// dtype so that a parallel build compiles them concurrently).
+#include "segloss_cuda_kernels.cuh"
+
+namespace fused_segloss {
+namespace cuda {
+FSL_CUDA_INSTANTIATE_FOR_LOGITS(double)
+}  // namespace cuda
+}  // namespace fused_segloss

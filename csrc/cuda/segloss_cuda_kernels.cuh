@@ -1,0 +1,116 @@
+// __global__ wrappers around the per-thread work of segloss_cuda_plan.h, and the one
+// device-only piece: the intra-block reduction (a shared-memory tree). Included by the
+// per-dtype instantiation files segloss_cuda_<dtype>.cu; no TF headers.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "segloss_cuda_launch.h"
+#include "segloss_cuda_plan.h"
+
+namespace fused_segloss {
+namespace cuda {
+
+template <typename Compute>
+struct MaxThreadsOf {
+  static constexpr int value = kMaxThreadsFloat;
+};
+template <>
+struct MaxThreadsOf<double> {
+  static constexpr int value = kMaxThreadsDouble;
+};
+
+// Sums the accumulators of threads t ≡ r (mod q) for every r < q, leaving lane sums in
+// smem[(slot·8 + column)·threads + r]. threads = q·2^p, so every tree stride from
+// threads/2 down to q is a multiple of q and pairs threads holding the same classes.
+// The order of additions is fixed by the block shape: deterministic. The steps are
+// __host__ __device__ (segloss_cuda_plan.h); only the barriers are device-only.
+template <typename Compute>
+__device__ void BlockReduceLanes(const Compute acc[kSlots][kNumStats], int threads, int q,
+                                 Compute* smem) {
+  StoreLanes(acc, threads, threadIdx.x, smem);
+  for (int stride = threads / 2; stride >= q; stride /= 2) {
+    __syncthreads();
+    TreeStep(threads, stride, threadIdx.x, smem);
+  }
+  __syncthreads();
+}
+
+__device__ inline void AddCounts(const ValueCounts& counts, unsigned long long* counters) {
+  if (counts.labels != 0) atomicAdd(&counters[0], static_cast<unsigned long long>(counts.labels));
+  if (counts.weights != 0) atomicAdd(&counters[1], static_cast<unsigned long long>(counts.weights));
+}
+
+template <typename LogitT, typename LabelT, bool kSquared>
+__global__ void __launch_bounds__(kMaxThreadsFloat)
+    StatsKernel(LaunchPlan plan, KernelProblem p, double* partials, unsigned long long* counters) {
+  using Compute = typename ComputeTypeOf<LogitT>::type;
+  __shared__ Compute smem[kSlots * kNumStats * MaxThreadsOf<Compute>::value];
+  const int64_t block = blockIdx.x;
+  const int thread = threadIdx.x;
+  Compute acc[kSlots][kNumStats];
+  ValueCounts counts;
+  if (plan.mode == kSpanMode) {
+    SpanStatsThread<LogitT, LabelT, kSquared>(plan, p, block, thread, acc, counts);
+    BlockReduceLanes(acc, plan.threads, plan.thread_period, smem);
+    for (int64_t index = thread; index < SpanRecordsPerBlock(p.shape); index += plan.threads) {
+      WriteSpanPartial(plan, p.shape, block, smem, plan.threads, index, partials);
+    }
+  } else {
+    ColumnStatsThread<LogitT, LabelT, kSquared>(plan, p, block, thread, acc, counts);
+    WriteColumnPartial(plan, p.shape, block, thread, acc, partials);
+  }
+  AddCounts(counts, counters);
+}
+
+template <typename LogitT, typename LabelT, bool kSquared>
+__global__ void __launch_bounds__(kMaxThreadsFloat)
+    GradKernel(LaunchPlan plan, KernelProblem p, const float* grad_stats, LogitT* out) {
+  const int64_t block = blockIdx.x;
+  if (plan.mode == kSpanMode) {
+    SpanGradThread<LogitT, LabelT, kSquared>(plan, p, grad_stats, block, threadIdx.x, out);
+  } else {
+    ColumnGradThread<LogitT, LabelT, kSquared>(plan, p, grad_stats, block, threadIdx.x, out);
+  }
+}
+
+// Launches the forward kernel for one (logits, labels) dtype pair; returns a cudaError_t.
+template <typename LogitT, typename LabelT>
+int LaunchStatsKernel(const LaunchPlan& plan, const KernelProblem& p, bool squared,
+                      double* partials, unsigned long long* counters, cudaStream_t stream) {
+  if (plan.num_blocks == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(plan.num_blocks)), block(plan.threads);
+  if (squared) {
+    StatsKernel<LogitT, LabelT, true><<<grid, block, 0, stream>>>(plan, p, partials, counters);
+  } else {
+    StatsKernel<LogitT, LabelT, false><<<grid, block, 0, stream>>>(plan, p, partials, counters);
+  }
+  return cudaGetLastError();
+}
+
+template <typename LogitT, typename LabelT>
+int LaunchGradKernel(const LaunchPlan& plan, const KernelProblem& p, bool squared,
+                     const float* grad_stats, void* out, cudaStream_t stream) {
+  if (plan.num_blocks == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(plan.num_blocks)), block(plan.threads);
+  auto* typed_out = static_cast<LogitT*>(out);
+  if (squared) {
+    GradKernel<LogitT, LabelT, true><<<grid, block, 0, stream>>>(plan, p, grad_stats, typed_out);
+  } else {
+    GradKernel<LogitT, LabelT, false><<<grid, block, 0, stream>>>(plan, p, grad_stats, typed_out);
+  }
+  return cudaGetLastError();
+}
+
+// Explicit instantiation of both launchers for one logits type and every labels type.
+#define FSL_CUDA_INSTANTIATE_PAIR(LabelT, LogitT)                                          \
+  template int LaunchStatsKernel<LogitT, LabelT>(const LaunchPlan&, const KernelProblem&,  \
+                                                 bool, double*, unsigned long long*,       \
+                                                 cudaStream_t);                            \
+  template int LaunchGradKernel<LogitT, LabelT>(const LaunchPlan&, const KernelProblem&,   \
+                                                bool, const float*, void*, cudaStream_t);
+#define FSL_CUDA_INSTANTIATE_FOR_LOGITS(LogitT) \
+  FSL_FOR_EACH_LABEL_TYPE(FSL_CUDA_INSTANTIATE_PAIR, LogitT)
+
+}  // namespace cuda
+}  // namespace fused_segloss

@@ -1,0 +1,185 @@
+// The TF-free launchers of segloss_cuda.h: argument checks, the launch plan, scratch
+// memory, dtype dispatch to the typed kernels, and the value check of the forward pass.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <string>
+
+#include "segloss_cuda.h"
+#include "segloss_cuda_dispatch.h"
+#include "segloss_cuda_launch.h"
+#include "segloss_cuda_plan.h"
+#include "segloss_cuda_problem.h"
+
+namespace fused_segloss {
+namespace cuda {
+namespace {
+
+thread_local int last_code = kOk;
+thread_local std::string last_message;
+
+int Fail(int code, std::string message) {
+  last_code = code;
+  last_message = std::move(message);
+  return code;
+}
+
+int CudaFail(const char* what, cudaError_t error) {
+  return Fail(kCudaError, std::string("fused_segloss CUDA: ") + what + " failed: " +
+                              cudaGetErrorName(error) + " (" + cudaGetErrorString(error) + ")");
+}
+
+// Makes the stream's device current for the runtime calls of one launcher call, so that
+// a stream of GPU 1 works when the runtime's current device is GPU 0 (multi-GPU TF).
+class ScopedStreamDevice {
+ public:
+  explicit ScopedStreamDevice(cudaStream_t stream) {
+    int device = -1;
+    if (stream == nullptr || cudaStreamGetDevice(stream, &device) != cudaSuccess) {
+      cudaGetLastError();  // the legacy/default stream: keep the current device
+      return;
+    }
+    if (cudaGetDevice(&previous_) == cudaSuccess && previous_ != device &&
+        cudaSetDevice(device) == cudaSuccess) {
+      restore_ = true;
+    }
+  }
+  ~ScopedStreamDevice() {
+    if (restore_) cudaSetDevice(previous_);
+  }
+
+ private:
+  int previous_ = -1;
+  bool restore_ = false;
+};
+
+// Workspace: two uint64 counters (invalid labels, invalid weights), then the partials.
+constexpr size_t kCountersBytes = 16;
+
+// The second stage of the forward reduction: one thread per (b, c, column) of the
+// [B, C, 8] output, summing the row's chunk records in chunk order.
+__global__ void CombineKernel(LaunchPlan plan, ProblemShape s, const double* partials,
+                              float* stats) {
+  const int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (index >= s.batch * s.classes * kNumStats) return;
+  const int column = static_cast<int>(index % kNumStats);
+  const int64_t bc = index / kNumStats;
+  stats[index] = CombineStat(plan, s, partials, bc / s.classes, bc % s.classes, column);
+}
+
+}  // namespace
+
+int LaunchCombineKernel(const LaunchPlan& plan, const ProblemShape& s, const double* partials,
+                        float* stats, cudaStream_t stream) {
+  const int64_t outputs = s.batch * s.classes * kNumStats;
+  if (outputs == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  CombineKernel<<<static_cast<unsigned>(CeilDiv(outputs, kThreads)), kThreads, 0, stream>>>(
+      plan, s, partials, stats);
+  return cudaGetLastError();
+}
+
+const char* ErrorMessage(int code) {
+  if (code == last_code && !last_message.empty()) return last_message.c_str();
+  switch (code) {
+    case kOk: return "success";
+    case kInvalidArgument: return "fused_segloss CUDA: invalid argument";
+    case kInvalidValues: return "fused_segloss CUDA: invalid label or weight values";
+    case kCudaError: return "fused_segloss CUDA: CUDA runtime error";
+  }
+  return "fused_segloss CUDA: unknown status code";
+}
+
+size_t StatsWorkspaceBytes(const SeglossProblem& problem) {
+  const LaunchPlan plan = MakeLaunchPlan(problem.shape, MaxThreadsFor(problem.logits_dtype));
+  return kCountersBytes + static_cast<size_t>(plan.partial_records) * kNumStats * sizeof(double);
+}
+
+int LaunchStats(const SeglossProblem& problem, float* stats_out, void* stream_ptr,
+                const StatsOptions& options) {
+  last_code = kOk;
+  last_message.clear();
+  std::string error = CheckLaunchProblem(problem);
+  if (!error.empty()) return Fail(kInvalidArgument, "fused_segloss CUDA: " + error);
+  const ProblemShape& s = problem.shape;
+  if (s.batch * s.classes == 0) return kOk;  // empty [B, C, 8] output
+  if (stats_out == nullptr) return Fail(kInvalidArgument, "fused_segloss CUDA: null `stats` output");
+  const size_t needed = StatsWorkspaceBytes(problem);
+  if (options.workspace != nullptr &&
+      (options.workspace_bytes < needed || reinterpret_cast<uintptr_t>(options.workspace) % 16)) {
+    return Fail(kInvalidArgument, "fused_segloss CUDA: workspace must be 16-byte aligned and at least " +
+                                      std::to_string(needed) + " bytes, got " +
+                                      std::to_string(options.workspace_bytes));
+  }
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  ScopedStreamDevice device(stream);
+  const LaunchPlan plan = MakeLaunchPlan(s, MaxThreadsFor(problem.logits_dtype));
+  const KernelProblem kp = MakeKernelProblem(problem, nullptr);
+
+  void* workspace = options.workspace;
+  cudaError_t status = cudaSuccess;
+  if (workspace == nullptr) {
+    status = cudaMallocAsync(&workspace, needed, stream);
+    if (status != cudaSuccess) return CudaFail("cudaMallocAsync of the workspace", status);
+  }
+  auto* counters = static_cast<unsigned long long*>(workspace);
+  auto* partials = reinterpret_cast<double*>(static_cast<char*>(workspace) + kCountersBytes);
+  status = cudaMemsetAsync(counters, 0, kCountersBytes, stream);
+  int launch = status;
+  if (status == cudaSuccess) {
+    launch = DispatchDTypes<int>(problem.logits_dtype, problem.labels_dtype, -1,
+                                 [&](auto logit_tag, auto label_tag) {
+                                   using LogitT = decltype(logit_tag);
+                                   using LabelT = decltype(label_tag);
+                                   return LaunchStatsKernel<LogitT, LabelT>(
+                                       plan, kp, problem.squared, partials, counters, stream);
+                                 });
+  }
+  if (launch == cudaSuccess) launch = LaunchCombineKernel(plan, s, partials, stats_out, stream);
+  unsigned long long host_counts[2] = {0, 0};
+  if (launch == cudaSuccess && options.check_values) {
+    launch = cudaMemcpyAsync(host_counts, counters, sizeof(host_counts), cudaMemcpyDeviceToHost,
+                             stream);
+  }
+  if (options.workspace == nullptr) cudaFreeAsync(workspace, stream);
+  if (launch == cudaSuccess && options.check_values) launch = cudaStreamSynchronize(stream);
+  if (launch == -1) {
+    return Fail(kInvalidArgument, "fused_segloss CUDA: unsupported logits/labels dtype pair");
+  }
+  if (launch != cudaSuccess) return CudaFail("the statistics kernels", static_cast<cudaError_t>(launch));
+  error = CountsMessage(static_cast<int64_t>(host_counts[0]), static_cast<int64_t>(host_counts[1]));
+  if (!error.empty()) return Fail(kInvalidValues, error);
+  return kOk;
+}
+
+int LaunchLogitGrad(const SeglossProblem& problem, const float* grad_stats,
+                    void* grad_logits_out, void* stream_ptr) {
+  last_code = kOk;
+  last_message.clear();
+  const std::string error = CheckLaunchProblem(problem);
+  if (!error.empty()) return Fail(kInvalidArgument, "fused_segloss CUDA: " + error);
+  const ProblemShape& s = problem.shape;
+  if (s.batch * s.positions * s.classes == 0) return kOk;
+  if (grad_stats == nullptr || grad_logits_out == nullptr) {
+    return Fail(kInvalidArgument, "fused_segloss CUDA: null `grad_stats` or gradient output");
+  }
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  ScopedStreamDevice device(stream);
+  const LaunchPlan plan = MakeLaunchPlan(s, MaxThreadsFor(problem.logits_dtype));
+  const KernelProblem kp = MakeKernelProblem(problem, grad_logits_out);
+  const int launch = DispatchDTypes<int>(
+      problem.logits_dtype, problem.labels_dtype, -1, [&](auto logit_tag, auto label_tag) {
+        using LogitT = decltype(logit_tag);
+        using LabelT = decltype(label_tag);
+        return LaunchGradKernel<LogitT, LabelT>(plan, kp, problem.squared, grad_stats,
+                                                grad_logits_out, stream);
+      });
+  if (launch == -1) {
+    return Fail(kInvalidArgument, "fused_segloss CUDA: unsupported logits/labels dtype pair");
+  }
+  if (launch != cudaSuccess) return CudaFail("the gradient kernel", static_cast<cudaError_t>(launch));
+  return kOk;
+}
+
+}  // namespace cuda
+}  // namespace fused_segloss

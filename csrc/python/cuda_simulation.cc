@@ -1,0 +1,275 @@
+// Host simulation of the CUDA kernels, added to fused_segloss._core.
+//
+// Runs the kernels' own __host__ __device__ code (csrc/cuda/segloss_cuda_plan.h) for
+// every (block, thread) of the launch that the CUDA launcher would make, on NumPy
+// arrays, with the host compiler (no CUDA needed). The only things not executed as on
+// the device are the barriers of the intra-block reduction: the host runs each tree
+// step for all threads in turn, which is equivalent because a step's writes never
+// overlap its reads. Then the second stage (CombineStat) runs for every output.
+//
+//   simulate_cuda_stats(logits, labels, weights=None, pos_weight=None, channels_last=True,
+//                       squared=False, vector_loads=True)             -> [B, C, 8] float32
+//   simulate_cuda_grad(logits, labels, weights=None, pos_weight=None, grad_stats=...,
+//                      channels_last=True, squared=False, vector_loads=True) -> like logits
+//   cuda_launch_plan(batch, positions, classes, channels_last=True, logits_dtype="float32")
+//
+// vector_loads=False forces the masked scalar path everywhere (the launcher chooses
+// vector loads when the pointers are aligned; the simulation follows the same rule
+// and this flag can only turn it off). Partial records start as NaN so a record that
+// no block writes shows up in the result; the gradient output starts as NaN for the
+// same reason.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "segloss_cpu.h"
+#include "segloss_cuda_dispatch.h"
+#include "segloss_cuda_plan.h"
+#include "segloss_cuda_problem.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using fused_segloss::DType;
+using fused_segloss::SeglossProblem;
+namespace fc = fused_segloss::cuda;
+
+DType DTypeFromName(const std::string& name, const char* arg) {
+  if (name == "float32") return DType::kFloat32;
+  if (name == "float64") return DType::kFloat64;
+  if (name == "float16") return DType::kFloat16;
+  if (name == "bfloat16") return DType::kBFloat16;
+  if (name == "uint8") return DType::kUInt8;
+  if (name == "bool") return DType::kBool;
+  throw py::value_error(std::string("`") + arg + "` has unsupported dtype " + name);
+}
+
+DType DTypeOfArray(const py::array& a, const char* arg) {
+  return DTypeFromName(py::str(a.dtype().attr("name")), arg);
+}
+
+// The arrays behind a SeglossProblem, kept alive for its lifetime.
+struct BoundArrays {
+  SeglossProblem problem;
+  py::array logits, labels, weights, pos_weight;
+};
+
+BoundArrays Bind(const py::object& logits_obj, const py::object& labels_obj,
+                 const py::object& weights_obj, const py::object& pos_weight_obj,
+                 bool channels_last, bool squared) {
+  auto np = py::module_::import("numpy");
+  BoundArrays b;
+  // ascontiguousarray keeps an already contiguous view as is, so a misaligned view
+  // (e.g. buffer[1:]) stays misaligned and exercises the scalar-load path.
+  b.logits = np.attr("ascontiguousarray")(logits_obj);
+  b.labels = np.attr("ascontiguousarray")(labels_obj);
+  const int rank = static_cast<int>(b.logits.ndim());
+  if (rank < 2 || rank > 5) throw py::value_error("`logits` must have rank 2 to 5");
+  bool same_shape = b.labels.ndim() == rank;
+  for (int d = 0; same_shape && d < rank; ++d) same_shape = b.labels.shape(d) == b.logits.shape(d);
+  if (!same_shape) throw py::value_error("`labels` must have the logits' shape");
+  SeglossProblem& p = b.problem;
+  const int class_axis = channels_last ? rank - 1 : 1;
+  p.shape.channels_last = channels_last;
+  p.shape.batch = b.logits.shape(0);
+  p.shape.classes = b.logits.shape(class_axis);
+  p.shape.positions = 1;
+  for (int d = 1; d < rank; ++d) {
+    if (d != class_axis) p.shape.positions *= b.logits.shape(d);
+  }
+  p.logits_dtype = DTypeOfArray(b.logits, "logits");
+  p.labels_dtype = DTypeOfArray(b.labels, "labels");
+  p.logits = b.logits.data();
+  p.labels = b.labels.data();
+  if (!weights_obj.is_none()) {
+    b.weights = py::array_t<float, py::array::c_style | py::array::forcecast>(weights_obj);
+    if (b.weights.ndim() != 3) throw py::value_error("`weights` must be a canonical rank-3 view");
+    p.weights = static_cast<const float*>(b.weights.data());
+    p.weights_batch = b.weights.shape(0);
+    p.weights_positions = b.weights.shape(channels_last ? 1 : 2);
+    p.weights_classes = b.weights.shape(channels_last ? 2 : 1);
+  }
+  if (!pos_weight_obj.is_none()) {
+    b.pos_weight = py::array_t<float, py::array::c_style | py::array::forcecast>(pos_weight_obj);
+    if (b.pos_weight.ndim() != 1 || b.pos_weight.shape(0) != p.shape.classes) {
+      throw py::value_error("`pos_weight` must have shape [C]");
+    }
+    p.pos_weight = static_cast<const float*>(b.pos_weight.data());
+  }
+  p.squared = squared;
+  const std::string error = fc::CheckLaunchProblem(p);
+  if (!error.empty()) throw py::value_error(error);
+  return b;
+}
+
+fc::KernelProblem KernelProblemFor(const SeglossProblem& p, const void* grad_out,
+                                   bool vector_loads) {
+  fc::KernelProblem k = fc::MakeKernelProblem(p, grad_out);
+  k.vector_loads = k.vector_loads && vector_loads;
+  return k;
+}
+
+// The forward launch, block by block and thread by thread. Returns the error message
+// ("" if the values are valid), the statistics in `stats`.
+template <typename LogitT, typename LabelT, bool kSquared>
+std::string SimulateStats(const SeglossProblem& p, bool vector_loads, float* stats) {
+  using Compute = typename fused_segloss::ComputeTypeOf<LogitT>::type;
+  constexpr int kStats = fused_segloss::kNumStats;
+  const fc::LaunchPlan plan = fc::MakeLaunchPlan(p.shape, fc::MaxThreadsFor(p.logits_dtype));
+  const fc::KernelProblem kp = KernelProblemFor(p, nullptr, vector_loads);
+  std::vector<double> partials(plan.partial_records * kStats,
+                               std::numeric_limits<double>::quiet_NaN());
+  std::vector<Compute> smem(static_cast<size_t>(fc::kSlots) * kStats * plan.threads);
+  fc::ValueCounts total;
+  Compute acc[fc::kSlots][kStats];
+  for (int64_t block = 0; block < plan.num_blocks; ++block) {
+    for (int t = 0; t < plan.threads; ++t) {
+      fc::ValueCounts counts;
+      if (plan.mode == fc::kSpanMode) {
+        fc::SpanStatsThread<LogitT, LabelT, kSquared>(plan, kp, block, t, acc, counts);
+        fc::StoreLanes(acc, plan.threads, t, smem.data());
+      } else {
+        fc::ColumnStatsThread<LogitT, LabelT, kSquared>(plan, kp, block, t, acc, counts);
+        fc::WriteColumnPartial(plan, p.shape, block, t, acc, partials.data());
+      }
+      total.labels += counts.labels;
+      total.weights += counts.weights;
+    }
+    if (plan.mode != fc::kSpanMode) continue;
+    for (int stride = plan.threads / 2; stride >= plan.thread_period; stride /= 2) {
+      for (int t = 0; t < plan.threads; ++t) fc::TreeStep(plan.threads, stride, t, smem.data());
+    }
+    const int64_t records = fc::SpanRecordsPerBlock(p.shape);
+    for (int64_t t0 = 0; t0 < plan.threads; ++t0) {  // the device's thread loop
+      for (int64_t index = t0; index < records; index += plan.threads) {
+        fc::WriteSpanPartial(plan, p.shape, block, smem.data(), plan.threads, index,
+                             partials.data());
+      }
+    }
+  }
+  const std::string error = fc::CountsMessage(total.labels, total.weights);
+  if (!error.empty()) return error;
+  const fused_segloss::ProblemShape& s = p.shape;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t c = 0; c < s.classes; ++c) {
+      for (int k = 0; k < kStats; ++k) {
+        stats[(b * s.classes + c) * kStats + k] =
+            fc::CombineStat(plan, s, partials.data(), b, c, k);
+      }
+    }
+  }
+  return "";
+}
+
+template <typename LogitT, typename LabelT, bool kSquared>
+void SimulateGrad(const SeglossProblem& p, bool vector_loads, const float* grad_stats,
+                  void* out) {
+  const fc::LaunchPlan plan = fc::MakeLaunchPlan(p.shape, fc::MaxThreadsFor(p.logits_dtype));
+  const fc::KernelProblem kp = KernelProblemFor(p, out, vector_loads);
+  auto* typed_out = static_cast<LogitT*>(out);
+  for (int64_t block = 0; block < plan.num_blocks; ++block) {
+    for (int t = 0; t < plan.threads; ++t) {
+      if (plan.mode == fc::kSpanMode) {
+        fc::SpanGradThread<LogitT, LabelT, kSquared>(plan, kp, grad_stats, block, t, typed_out);
+      } else {
+        fc::ColumnGradThread<LogitT, LabelT, kSquared>(plan, kp, grad_stats, block, t, typed_out);
+      }
+    }
+  }
+}
+
+py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& labels,
+                                   const py::object& weights, const py::object& pos_weight,
+                                   bool channels_last, bool squared, bool vector_loads) {
+  BoundArrays b = Bind(logits, labels, weights, pos_weight, channels_last, squared);
+  const SeglossProblem& p = b.problem;
+  py::array_t<float> out({p.shape.batch, p.shape.classes, int64_t{8}});
+  float* stats = out.mutable_data();
+  std::string error;
+  {
+    py::gil_scoped_release release;
+    error = fc::DispatchDTypes<std::string>(
+        p.logits_dtype, p.labels_dtype, "unsupported dtypes", [&](auto logit_tag, auto label_tag) {
+          using LogitT = decltype(logit_tag);
+          using LabelT = decltype(label_tag);
+          return p.squared ? SimulateStats<LogitT, LabelT, true>(p, vector_loads, stats)
+                           : SimulateStats<LogitT, LabelT, false>(p, vector_loads, stats);
+        });
+  }
+  if (!error.empty()) throw py::value_error(error);
+  return out;
+}
+
+py::array SimulateGradPy(const py::object& logits, const py::object& labels,
+                         const py::object& weights, const py::object& pos_weight,
+                         const py::object& grad_stats_obj, bool channels_last, bool squared,
+                         bool vector_loads) {
+  BoundArrays b = Bind(logits, labels, weights, pos_weight, channels_last, squared);
+  const SeglossProblem& p = b.problem;
+  py::array_t<float, py::array::c_style | py::array::forcecast> grad_stats(grad_stats_obj);
+  if (grad_stats.ndim() != 3 || grad_stats.shape(0) != p.shape.batch ||
+      grad_stats.shape(1) != p.shape.classes || grad_stats.shape(2) != 8) {
+    throw py::value_error("`grad_stats` must have shape [B, C, 8]");
+  }
+  auto np = py::module_::import("numpy");
+  py::array out = np.attr("full_like")(b.logits, np.attr("nan"));
+  void* out_data = out.mutable_data();
+  const float* g = grad_stats.data();
+  {
+    py::gil_scoped_release release;
+    fc::DispatchDTypes<int>(p.logits_dtype, p.labels_dtype, 0, [&](auto logit_tag, auto label_tag) {
+      using LogitT = decltype(logit_tag);
+      using LabelT = decltype(label_tag);
+      if (p.squared) {
+        SimulateGrad<LogitT, LabelT, true>(p, vector_loads, g, out_data);
+      } else {
+        SimulateGrad<LogitT, LabelT, false>(p, vector_loads, g, out_data);
+      }
+      return 0;
+    });
+  }
+  return out;
+}
+
+py::dict LaunchPlanPy(int64_t batch, int64_t positions, int64_t classes, bool channels_last,
+                      const std::string& logits_dtype) {
+  const fused_segloss::ProblemShape shape{batch, positions, classes, channels_last};
+  const fc::LaunchPlan plan =
+      fc::MakeLaunchPlan(shape, fc::MaxThreadsFor(DTypeFromName(logits_dtype, "logits_dtype")));
+  py::dict d;
+  d["mode"] = plan.mode == fc::kSpanMode ? "span" : "column";
+  d["threads"] = plan.threads;
+  d["thread_period"] = plan.thread_period;
+  d["lanes"] = plan.lanes;
+  d["rows"] = plan.rows;
+  d["row_length"] = plan.row_length;
+  d["chunk_length"] = plan.chunk_length;
+  d["chunks_per_row"] = plan.chunks_per_row;
+  d["class_tiles"] = plan.class_tiles;
+  d["num_blocks"] = plan.num_blocks;
+  d["partial_records"] = plan.partial_records;
+  return d;
+}
+
+}  // namespace
+
+// Called by PYBIND11_MODULE(_core) in core_module.cc (a weak symbol there).
+void RegisterCudaSimulation(py::module_& m) {
+  m.def("simulate_cuda_stats", &SimulateStatsPy, py::arg("logits"), py::arg("labels"),
+        py::arg("weights") = py::none(), py::arg("pos_weight") = py::none(),
+        py::arg("channels_last") = true, py::arg("squared") = false,
+        py::arg("vector_loads") = true,
+        "The CUDA forward launch simulated on the host: [B, C, 8] float32.");
+  m.def("simulate_cuda_grad", &SimulateGradPy, py::arg("logits"), py::arg("labels"),
+        py::arg("weights") = py::none(), py::arg("pos_weight") = py::none(),
+        py::arg("grad_stats"), py::arg("channels_last") = true, py::arg("squared") = false,
+        py::arg("vector_loads") = true,
+        "The CUDA gradient launch simulated on the host: dL/dlogits in the logits' dtype.");
+  m.def("cuda_launch_plan", &LaunchPlanPy, py::arg("batch"), py::arg("positions"),
+        py::arg("classes"), py::arg("channels_last") = true,
+        py::arg("logits_dtype") = "float32", "The CUDA launch geometry for a problem shape.");
+}

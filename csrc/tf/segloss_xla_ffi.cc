@@ -1,0 +1,336 @@
+// XLA typed-FFI handlers: the statistics kernel and its gradient inside XLA programs
+// (tf.function(jit_compile=True), Keras model.fit with XLA). Python reaches them through
+// XlaCallModule with a StableHLO custom_call (fused_segloss/_xla.py). They are thin
+// adapters from XLA buffers to the same framework-free core as the TF OpKernels.
+//
+// Operands, as the TF op takes them (the Python layer canonicalises them):
+//   logits     [B, *S, C] or [B, C, *S]; float32, float64, float16 or bfloat16
+//   labels     same shape; any of those, uint8 or pred (bool: one byte, 0 or 1)
+//   weights    float32 canonical view [Bw, Nw, Cw] / [Bw, Cw, Nw], or rank-1 empty
+//   pos_weight float32 [C], or empty
+//   grad_stats float32 [B, C, 8]            (gradient handler only)
+// Attributes: channels_last (bool), squared (bool).
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "xla/ffi/api/c_api.h"
+#include "xla/ffi/api/ffi.h"
+#include "segloss_cpu.h"
+
+#if FSL_WITH_CUDA
+#include "segloss_cuda.h"
+#endif
+
+namespace fused_segloss_xla {
+namespace {
+
+namespace ffi = xla::ffi;
+using fused_segloss::DType;
+using fused_segloss::SeglossProblem;
+
+// --- buffers -> SeglossProblem ----------------------------------------------------------
+
+bool ToCoreDType(ffi::DataType dtype, DType* out) {
+  switch (dtype) {
+    case ffi::DataType::F32: *out = DType::kFloat32; return true;
+    case ffi::DataType::F64: *out = DType::kFloat64; return true;
+    case ffi::DataType::F16: *out = DType::kFloat16; return true;
+    case ffi::DataType::BF16: *out = DType::kBFloat16; return true;
+    case ffi::DataType::U8: *out = DType::kUInt8; return true;
+    // XLA stores PRED as one byte holding 0 or 1, which is the layout of C++ bool.
+    case ffi::DataType::PRED: *out = DType::kBool; return true;
+    default: return false;
+  }
+}
+
+std::string ShapeString(ffi::AnyBuffer::Dimensions dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+// Returns "" or a message naming the argument (the same wording as the TF op's checks).
+std::string ProblemFromBuffers(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& labels,
+                               const ffi::AnyBuffer& weights, const ffi::AnyBuffer& pos_weight,
+                               bool channels_last, bool squared, SeglossProblem* p) {
+  const auto dims = logits.dimensions();
+  const int rank = static_cast<int>(dims.size());
+  if (rank < 2 || rank > 5) {
+    return "`logits` must have rank 2 to 5 ([B, *spatial, C] or [B, C, *spatial] with 0 to 3 "
+           "spatial dims), got shape " + ShapeString(dims);
+  }
+  const auto label_dims = labels.dimensions();
+  if (!std::equal(dims.begin(), dims.end(), label_dims.begin(), label_dims.end())) {
+    return "`labels` shape " + ShapeString(label_dims) + " must equal the `logits` shape " +
+           ShapeString(dims);
+  }
+  if (!ToCoreDType(logits.element_type(), &p->logits_dtype) ||
+      p->logits_dtype == DType::kUInt8 || p->logits_dtype == DType::kBool) {
+    return "unsupported dtype for `logits` (float16, bfloat16, float32 or float64 expected)";
+  }
+  if (!ToCoreDType(labels.element_type(), &p->labels_dtype)) {
+    return "unsupported dtype for `labels` (a float type, uint8 or bool expected)";
+  }
+  const int class_axis = channels_last ? rank - 1 : 1;
+  p->shape.channels_last = channels_last;
+  p->shape.batch = dims[0];
+  p->shape.classes = dims[class_axis];
+  p->shape.positions = 1;
+  for (int d = 1; d < rank; ++d) {
+    if (d != class_axis) p->shape.positions *= dims[d];
+  }
+  p->logits = logits.untyped_data();
+  p->labels = labels.untyped_data();
+
+  const auto w_dims = weights.dimensions();
+  if (weights.element_type() != ffi::DataType::F32) return "`weights` must be float32";
+  if (w_dims.size() == 1 && w_dims[0] == 0) {
+    p->weights = nullptr;
+  } else if (w_dims.size() == 3) {
+    p->weights = static_cast<const float*>(weights.untyped_data());
+    p->weights_batch = w_dims[0];
+    p->weights_positions = w_dims[channels_last ? 1 : 2];
+    p->weights_classes = w_dims[channels_last ? 2 : 1];
+  } else {
+    return "`weights` must be a rank-3 canonical view [Bw, Nw, Cw] or an empty vector, got "
+           "shape " + ShapeString(w_dims);
+  }
+
+  const auto pw_dims = pos_weight.dimensions();
+  if (pos_weight.element_type() != ffi::DataType::F32) return "`pos_weight` must be float32";
+  if (pos_weight.element_count() == 0) {
+    p->pos_weight = nullptr;
+  } else if (pw_dims.size() == 1 && pw_dims[0] == p->shape.classes) {
+    p->pos_weight = static_cast<const float*>(pos_weight.untyped_data());
+  } else {
+    return "`pos_weight` must have shape [C] = [" + std::to_string(p->shape.classes) +
+           "], got " + ShapeString(pw_dims);
+  }
+  p->squared = squared;
+  return fused_segloss::ValidateProblem(*p);
+}
+
+std::string CheckGradStats(const SeglossProblem& p, ffi::AnyBuffer::Dimensions g) {
+  const int64_t expected[3] = {p.shape.batch, p.shape.classes, 8};
+  if (g.size() != 3 || !std::equal(g.begin(), g.end(), expected)) {
+    return "`grad_stats` must have shape [" + std::to_string(expected[0]) + ", " +
+           std::to_string(expected[1]) + ", 8], got " + ShapeString(g);
+  }
+  return "";
+}
+
+// --- CPU: the core's work items on XLA's intra-op thread pool ---------------------------
+
+// Shared between the calling thread and the tasks it schedules. A task that starts after
+// every chunk has been claimed touches only this (kept alive by shared_ptr), never `fn`,
+// so the caller may return as soon as all chunks are done, even if some scheduled tasks
+// have not run yet (no deadlock when the pool is busy: the caller claims chunks too).
+struct ChunkQueue {
+  int64_t n = 0, chunk = 1;
+  const fused_segloss::RangeFn* fn = nullptr;
+  std::atomic<int64_t> next{0}, done{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+
+  void Drain() {
+    for (;;) {
+      const int64_t begin = next.fetch_add(chunk);
+      if (begin >= n) return;
+      const int64_t end = std::min(n, begin + chunk);
+      (*fn)(begin, end);
+      if (done.fetch_add(end - begin) + (end - begin) == n) {
+        std::lock_guard<std::mutex> lock(mu);
+        all_done.notify_all();
+      }
+    }
+  }
+};
+
+// Below this much estimated work (in the core's cost units, ~ns) scheduling costs more
+// than it saves, so the call runs on the calling thread.
+constexpr int64_t kMinParallelCost = 200000;
+constexpr int64_t kMinChunkCost = 100000;
+
+fused_segloss::ParallelFor PoolParallelFor(ffi::ThreadPool* pool) {
+  const int64_t workers = pool->num_threads();
+  if (workers <= 0) return fused_segloss::SerialFor;  // no intra-op pool in this context
+  return [pool, workers](int64_t n, int64_t cost, const fused_segloss::RangeFn& fn) {
+    if (n <= 0) return;
+    const int64_t unit = std::max<int64_t>(cost, 1);
+    if (n == 1 || n * unit < kMinParallelCost) return fn(0, n);
+    auto queue = std::make_shared<ChunkQueue>();
+    queue->n = n;
+    queue->fn = &fn;
+    // About four chunks per thread for balance, none smaller than kMinChunkCost.
+    const int64_t by_balance = (n + 4 * (workers + 1) - 1) / (4 * (workers + 1));
+    queue->chunk = std::max<int64_t>({1, by_balance, (kMinChunkCost + unit - 1) / unit});
+    const int64_t chunks = (n + queue->chunk - 1) / queue->chunk;
+    const int64_t helpers = std::min(workers, chunks - 1);
+    for (int64_t t = 0; t < helpers; ++t) pool->Schedule([queue] { queue->Drain(); });
+    queue->Drain();
+    std::unique_lock<std::mutex> lock(queue->mu);
+    queue->all_done.wait(lock, [&] { return queue->done.load() == n; });
+  };
+}
+
+ffi::Error StatsHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
+                     ffi::AnyBuffer pos_weight, bool channels_last, bool squared,
+                     ffi::ThreadPool pool, ffi::Result<ffi::Buffer<ffi::F32>> stats) {
+  SeglossProblem problem;
+  std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
+                                         squared, &problem);
+  if (error.empty()) {
+    error = fused_segloss::ComputeStatsCpu(problem, PoolParallelFor(&pool),
+                                           stats->typed_data());
+  }
+  if (!error.empty()) return ffi::Error::InvalidArgument("FusedSeglossStats: " + error);
+  return ffi::Error::Success();
+}
+
+ffi::Error StatsGradHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
+                         ffi::AnyBuffer pos_weight, ffi::Buffer<ffi::F32> grad_stats,
+                         bool channels_last, bool squared, ffi::ThreadPool pool,
+                         ffi::Result<ffi::AnyBuffer> grad_logits) {
+  SeglossProblem problem;
+  std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
+                                         squared, &problem);
+  if (error.empty()) error = CheckGradStats(problem, grad_stats.dimensions());
+  if (error.empty() && grad_logits->element_type() != logits.element_type()) {
+    error = "the gradient must have the logits' dtype";
+  }
+  if (error.empty()) {
+    error = fused_segloss::ComputeLogitGradCpu(problem, grad_stats.typed_data(),
+                                               PoolParallelFor(&pool),
+                                               grad_logits->untyped_data());
+  }
+  if (!error.empty()) return ffi::Error::InvalidArgument("FusedSeglossStatsGrad: " + error);
+  return ffi::Error::Success();
+}
+
+#if FSL_WITH_CUDA
+// --- CUDA: the same problem, device pointers, XLA's stream and scratch memory ----------
+
+ffi::Error FromCudaStatus(int code, const char* op) {
+  if (code == fused_segloss::cuda::kOk) return ffi::Error::Success();
+  const std::string message = std::string(op) + ": " + fused_segloss::cuda::ErrorMessage(code);
+  if (code == fused_segloss::cuda::kCudaError) return ffi::Error::Internal(message);
+  return ffi::Error::InvalidArgument(message);
+}
+
+ffi::Error StatsCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
+                     ffi::AnyBuffer pos_weight, bool channels_last, bool squared,
+                     void* stream, ffi::ScratchAllocator scratch,
+                     ffi::Result<ffi::Buffer<ffi::F32>> stats) {
+  SeglossProblem problem;
+  const std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight,
+                                               channels_last, squared, &problem);
+  if (!error.empty()) return ffi::Error::InvalidArgument("FusedSeglossStats: " + error);
+  // The partial sums go to XLA's scratch memory where the runtime offers it (XLA may
+  // hold most of the GPU's memory); where it offers none (seen with JAX's PJRT client),
+  // the launcher allocates them stream-ordered itself (cudaMallocAsync).
+  // check_values keeps the CPU kernel's contract (invalid labels are an error); it
+  // synchronises the stream, so the scratch is idle when it is released on return.
+  fused_segloss::cuda::StatsOptions options;
+  options.check_values = true;
+  const size_t workspace_bytes = fused_segloss::cuda::StatsWorkspaceBytes(problem);
+  if (workspace_bytes > 0) {
+    const auto memory = scratch.Allocate(workspace_bytes, 256);
+    if (memory.has_value() && *memory != nullptr) {
+      options.workspace = *memory;
+      options.workspace_bytes = workspace_bytes;
+    }
+  }
+  return FromCudaStatus(
+      fused_segloss::cuda::LaunchStats(problem, stats->typed_data(), stream, options),
+      "FusedSeglossStats");
+}
+
+ffi::Error StatsGradCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
+                         ffi::AnyBuffer pos_weight, ffi::Buffer<ffi::F32> grad_stats,
+                         bool channels_last, bool squared, void* stream,
+                         ffi::Result<ffi::AnyBuffer> grad_logits) {
+  SeglossProblem problem;
+  std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
+                                         squared, &problem);
+  if (error.empty()) error = CheckGradStats(problem, grad_stats.dimensions());
+  if (error.empty() && grad_logits->element_type() != logits.element_type()) {
+    error = "the gradient must have the logits' dtype";
+  }
+  if (!error.empty()) return ffi::Error::InvalidArgument("FusedSeglossStatsGrad: " + error);
+  return FromCudaStatus(
+      fused_segloss::cuda::LaunchLogitGrad(problem, grad_stats.typed_data(),
+                                           grad_logits->untyped_data(), stream),
+      "FusedSeglossStatsGrad");
+}
+#endif  // FSL_WITH_CUDA
+
+}  // namespace
+
+// The bindings list operands in the order of the custom_call in _xla.py.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsHost, StatsHost,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // logits
+                                  .Arg<ffi::AnyBuffer>()  // labels
+                                  .Arg<ffi::AnyBuffer>()  // weights
+                                  .Arg<ffi::AnyBuffer>()  // pos_weight
+                                  .Attr<bool>("channels_last")
+                                  .Attr<bool>("squared")
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // stats [B, C, 8]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsGradHost, StatsGradHost,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()           // logits
+                                  .Arg<ffi::AnyBuffer>()           // labels
+                                  .Arg<ffi::AnyBuffer>()           // weights
+                                  .Arg<ffi::AnyBuffer>()           // pos_weight
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // grad_stats
+                                  .Attr<bool>("channels_last")
+                                  .Attr<bool>("squared")
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Ret<ffi::AnyBuffer>());         // grad_logits
+
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), "fused_segloss_stats", "Host",
+                         FusedSeglossStatsHost);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), "fused_segloss_stats_grad", "Host",
+                         FusedSeglossStatsGradHost);
+
+#if FSL_WITH_CUDA
+// The "CUDA" handlers take the same operands and attributes; XLA hands them its stream
+// (a cudaStream_t, passed on as void*) and a scratch allocator.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsCuda, StatsCuda,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()  // logits
+                                  .Arg<ffi::AnyBuffer>()  // labels
+                                  .Arg<ffi::AnyBuffer>()  // weights
+                                  .Arg<ffi::AnyBuffer>()  // pos_weight
+                                  .Attr<bool>("channels_last")
+                                  .Attr<bool>("squared")
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // stats [B, C, 8]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsGradCuda, StatsGradCuda,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()           // logits
+                                  .Arg<ffi::AnyBuffer>()           // labels
+                                  .Arg<ffi::AnyBuffer>()           // weights
+                                  .Arg<ffi::AnyBuffer>()           // pos_weight
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // grad_stats
+                                  .Attr<bool>("channels_last")
+                                  .Attr<bool>("squared")
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Ret<ffi::AnyBuffer>());         // grad_logits
+
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), "fused_segloss_stats", "CUDA",
+                         FusedSeglossStatsCuda);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), "fused_segloss_stats_grad", "CUDA",
+                         FusedSeglossStatsGradCuda);
+#endif  // FSL_WITH_CUDA
+
+}  // namespace fused_segloss_xla

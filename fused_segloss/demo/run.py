@@ -1,0 +1,149 @@
+"""`python -m fused_segloss demo`: a U-Net on synthetic multi-label images, per class.
+
+It first trains with plain sigmoid cross-entropy (the seeds' setup: a small total loss
+while the rare class is never found), then with SegLoss variants, and prints for each run
+the per-class CE, soft Dice, hard IoU and share of the total loss on a fixed validation
+set, a comparison of the runs, and a PNG of the per-class curves from the Keras logs.
+"""
+import argparse
+import os
+import sys
+import time
+
+from .data import CLASS_NAMES, RARE_CLASS, batches, draw_batch
+
+# (label, SegLoss options). The same data stream and initial weights for every run.
+RUNS = (
+    ("CE only: the seeds' sigmoid cross-entropy", {"dice_weight": 0.0}),
+    ("CE + batch Dice (SegLoss defaults)", {}),
+    ("CE + Dice, class_weights & pos_weight on spot",
+     {"class_weights": [1, 1, 1, 1, 3], "pos_weight": [1, 1, 1, 1, 10]}),
+    ("CE + per-image Dice, empty='include'", {"dice_mode": "per_image"}),
+    ("CE + per-image Dice, empty='exclude'", {"dice_mode": "per_image", "empty": "exclude"}),
+)
+QUICK = dict(size=32, batch_size=4, steps=6, epochs=2, val_images=8, runs="1,2")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m fused_segloss demo",
+        description="Train a small U-Net with fused_segloss on synthetic multi-label images "
+                    "and report every class's loss terms.")
+    parser.add_argument("--steps", type=int, default=320, help="training steps per run (default 320)")
+    parser.add_argument("--epochs", type=int, default=8,
+                        help="the steps are split into this many epochs: points on the curves")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
+    parser.add_argument("--val-images", type=int, default=96, help="fixed validation images")
+    parser.add_argument("--runs", default="1,2,3,4,5",
+                        help="which runs, by number: " + "; ".join(
+                            f"{i + 1}: {label}" for i, (label, _) in enumerate(RUNS)))
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="segloss_demo", help="folder for the PNG (default ./segloss_demo)")
+    parser.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
+                        help="Keras progress: 1 a bar, 2 a line per epoch (default: 1 on a terminal)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny smoke run (32 px, 6 steps, 2 runs) for tests")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    if args.size % 16:
+        parser.error("--size must be a multiple of 16 (four 2x poolings)")
+    try:
+        args.run_indices = sorted({int(i) - 1 for i in args.runs.split(",")})
+    except ValueError:
+        parser.error(f"--runs must be numbers separated by commas, got {args.runs!r}")
+    if not args.run_indices or not all(0 <= i < len(RUNS) for i in args.run_indices):
+        parser.error(f"--runs must name runs 1 to {len(RUNS)}")
+    if args.steps < args.epochs or args.epochs < 1:
+        parser.error("need --steps >= --epochs >= 1")
+    if args.verbose is None:
+        args.verbose = 1 if sys.stdout.isatty() else 2
+    return args
+
+
+def _compact_progbar(keras):
+    class CompactProgbar(keras.callbacks.ProgbarLogger):
+        """Keras' progress bar showing the loss and the per-class IoU only (all values stay in
+        the History): fifteen per-class numbers do not fit on one line."""
+
+        @staticmethod
+        def _short(logs):
+            return {k: v for k, v in (logs or {}).items()
+                    if k in ("loss", "val_loss") or k.startswith(("iou/", "val_iou/"))}
+
+        def on_train_batch_end(self, batch, logs=None):
+            super().on_train_batch_end(batch, self._short(logs))
+
+        def on_epoch_end(self, epoch, logs=None):
+            super().on_epoch_end(epoch, self._short(logs))
+
+    return CompactProgbar()
+
+
+def train_one(label, options, args, validation):
+    import keras
+
+    import fused_segloss as fsl
+    from .report import class_breakdown
+    from .unet import build_unet
+
+    keras.utils.set_random_seed(args.seed)
+    model = build_unet(args.size, len(CLASS_NAMES))
+    loss = fsl.keras.SegLoss(**options)
+    model.compile(optimizer=keras.optimizers.Adam(args.learning_rate), loss=loss,
+                  metrics=[fsl.keras.SegMetrics(CLASS_NAMES, loss=loss)])
+    steps_per_epoch = args.steps // args.epochs
+    callbacks = [_compact_progbar(keras)] if args.verbose else []
+    started = time.perf_counter()
+    history = model.fit(batches(args.seed + 1, args.batch_size, args.size),
+                        steps_per_epoch=steps_per_epoch, epochs=args.epochs,
+                        validation_data=validation, validation_batch_size=32,
+                        shuffle=False, verbose=args.verbose, callbacks=callbacks)
+    seconds = time.perf_counter() - started
+    logits = model.predict(validation[0], batch_size=32, verbose=0)
+    stats = fsl.segloss_stats(logits, validation[1], pos_weight=loss.pos_weight).numpy()
+    breakdown = class_breakdown(stats, **loss.combine_options)
+    breakdown["names"] = list(CLASS_NAMES)
+    return history.history, steps_per_epoch, breakdown, seconds
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import numpy as np
+
+    import fused_segloss as fsl
+    from .report import format_class_table, format_comparison, plot_curves
+
+    rng = np.random.default_rng(10_000 + args.seed)
+    validation = draw_batch(rng, args.val_images, args.size)
+    path = "the fused op" if fsl.fused_available() else "the pure-TF reference (op library not built)"
+    print(f"fused_segloss demo: U-Net 8->128 filters, {len(CLASS_NAMES)} sigmoid outputs "
+          f"({', '.join(CLASS_NAMES)}; '{CLASS_NAMES[RARE_CLASS]}' is rare), {args.size}x{args.size} "
+          f"images, batch {args.batch_size}, {args.steps} steps per run, loss via {path}.")
+
+    started = time.perf_counter()
+    results = []
+    for index in args.run_indices:
+        label, options = RUNS[index]
+        print(f"\n=== run {index + 1}: {label}   SegLoss({_format_options(options)})")
+        history, steps_per_epoch, breakdown, seconds = train_one(label, options, args, validation)
+        results.append((label, history, steps_per_epoch, breakdown))
+        print(f"\nrun {index + 1} on {args.val_images} validation images ({seconds:.0f} s of training):")
+        print(format_class_table(breakdown, CLASS_NAMES))
+
+    print("\n=== comparison (validation set; 'total loss' is each run's own loss)")
+    print(format_comparison([(label, b) for label, _, _, b in results], CLASS_NAMES[RARE_CLASS]))
+    os.makedirs(args.out, exist_ok=True)
+    png = os.path.join(args.out, "per_class_curves.png")
+    plot_curves([(label, history, spe) for label, history, spe, _ in results], CLASS_NAMES, png)
+    print(f"\nper-class curves: {png}")
+    print(f"total time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def _format_options(options):
+    return ", ".join(f"{k}={v!r}" for k, v in options.items())

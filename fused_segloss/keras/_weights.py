@@ -1,0 +1,38 @@
+"""How Keras' `sample_weight` becomes the op's element weights, in one place.
+
+Keras hands a loss `sample_weight` of shape (B,) (one weight per image) or of the label
+shape without the class axis (B, *S) (one weight per pixel). fused_segloss has no
+per-sample loss to multiply: every weight enters the sums of DESIGN §2.1 as an element
+weight w, so a weight of 0 removes pixels from every sum and a weight of 2 counts them
+twice in the CE mean and in the Dice sums.
+
+    (B,)  or (B, 1, ..., 1)          -> [B, 1, ..., 1]     the same weight for every pixel and class of an image
+    (B, *S)                          -> [B, *S, 1] (channels_last) / [B, 1, *S] (channels_first)
+    the logits' rank, broadcastable  -> passed unchanged  (e.g. [B, *S, C]: per pixel and class)
+"""
+import tensorflow as tf
+
+
+def sample_weight_to_weights(sample_weight, logits_rank, data_format="channels_last"):
+    """The element-weight tensor for `segloss_stats`, or None when `sample_weight` is None."""
+    if sample_weight is None:
+        return None
+    weight = tf.convert_to_tensor(sample_weight)
+    if not (weight.dtype.is_floating or weight.dtype.is_integer or weight.dtype == tf.bool):
+        raise ValueError(f"`sample_weight` must be a real number tensor, got {weight.dtype.name}")
+    weight = tf.cast(weight, tf.float32)
+    rank = weight.shape.rank
+    if rank is None:
+        raise ValueError("`sample_weight` must have a known rank")
+    per_image = rank == 1 or (rank >= 2 and all(d == 1 for d in weight.shape[1:]))
+    if per_image:
+        batch = tf.shape(weight)[:1]
+        return tf.reshape(weight, tf.concat([batch, tf.ones([logits_rank - 1], tf.int32)], 0))
+    if rank == logits_rank - 1:  # a per-pixel map: add the class axis
+        return tf.expand_dims(weight, -1 if data_format == "channels_last" else 1)
+    if rank == logits_rank:
+        return weight
+    raise ValueError(
+        f"`sample_weight` of shape {weight.shape} does not fit logits of rank {logits_rank}: "
+        "use (B,) per image, (B, *spatial) per pixel, or a tensor of the logits' rank that "
+        "broadcasts to them")
