@@ -23,7 +23,7 @@ def row(section, timed, floor):
 def floor_row(shape, floor):
     return {"shape": shape.describe(), "elements": floor.elements,
             "copy_bytes": floor.copy_bytes, "bandwidth_GBps": floor.bandwidth / 1e9,
-            "numpy_1thread_ms": floor.numpy_1thread_s * 1e3,
+            "numpy_1thread_ms": floor.numpy_1thread_s * 1e3,  # fastest round
             "numpy_2threads_ms": floor.numpy_2threads_s * 1e3,
             "tf_new_tensor_ms": floor.tf_new_tensor_s * 1e3,
             "tf_new_tensor_GBps": floor.copy_bytes / floor.tf_new_tensor_s / 1e9}
@@ -134,8 +134,8 @@ def variants_table(rows, base, compare_path):
 
 
 def floors_table(floor_rows):
-    lines = ["Memory-bandwidth floor, measured in the same rounds as each group (median ms; "
-             "GB/s counts bytes read + written)",
+    lines = ["Memory-bandwidth floor, measured in the same rounds as each group (fastest copy "
+             "of the rounds, ms; GB/s counts bytes read + written)",
              f"{'group':<66}{'np 1 thr':>9}{'np 2 thr':>9}{'GB/s':>7}{'tf new':>8}{'GB/s':>7}"]
     for f in floor_rows:
         lines.append(f"{f['shape']:<66}{f['numpy_1thread_ms']:>9.2f}{f['numpy_2threads_ms']:>9.2f}"
@@ -200,7 +200,7 @@ def plot(rows, base, sizes, paths, floors_by_size, png_path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
     for path in paths:
         pts = [(s, r["median_ms"], r["label"]) for s in sizes
                for r in [find(rows, path, "fwd_bwd", base._replace(size=s))] if r]
@@ -221,7 +221,7 @@ def plot(rows, base, sizes, paths, floors_by_size, png_path, title):
     ax.set_ylabel("forward+backward time, ms (median)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the data
     fig.tight_layout()
     fig.savefig(png_path)
     plt.close(fig)

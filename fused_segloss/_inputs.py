@@ -7,6 +7,7 @@ path, by tf.debugging assertions with the same wording.
 """
 from typing import NamedTuple, Optional
 
+import numpy as np
 import tensorflow as tf
 
 LOGIT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -103,6 +104,9 @@ def prepare(logits, labels, weights=None, pos_weight=None, data_format="channels
         if pos_weight.shape.rank != 1 or (
                 classes is not None and pos_weight.shape[0] not in (None, classes)):
             raise ValueError(f"`pos_weight` must have shape [C] = [{classes}], got {pos_weight.shape}")
+        static = tf.get_static_value(pos_weight)
+        if static is not None and not np.all(np.isfinite(static) & (static >= 0)):
+            raise ValueError(f"`pos_weight` must be finite and >= 0, got {static.tolist()}")
     return Prepared(logits, labels, weights, pos_weight, channels_last, squared)
 
 
@@ -148,4 +152,5 @@ def canonical_weights(p: Prepared):
 
 
 def pos_weight_or_empty(p: Prepared):
-    return p.pos_weight if p.pos_weight is not None else tf.zeros([0], tf.float32)
+    """pos_weight [C] for the kernels, or the rank-0 'absent' sentinel."""
+    return p.pos_weight if p.pos_weight is not None else tf.zeros([], tf.float32)

@@ -126,9 +126,10 @@ def _self_check():
 
         got_stats, got_grad = probe(logits)
         lib = _loader.status().module
-        empty = tf.zeros([0], tf.float32)
-        want_stats = lib.fused_segloss_stats(logits, labels, empty, empty)
-        want_grad = lib.fused_segloss_stats_grad(logits, labels, empty, empty,
+        no_weights, no_pos_weight = _inputs.canonical_weights(prepared), \
+            _inputs.pos_weight_or_empty(prepared)
+        want_stats = lib.fused_segloss_stats(logits, labels, no_weights, no_pos_weight)
+        want_grad = lib.fused_segloss_stats_grad(logits, labels, no_weights, no_pos_weight,
                                                  tf.ones_like(want_stats))
         if not (np.array_equal(got_stats, want_stats) and np.array_equal(got_grad, want_grad)):
             return "the custom call's result differs from the TF op's"
@@ -157,7 +158,7 @@ def _tensor_type(rank, element):
 
 @functools.lru_cache(maxsize=None)
 def _module(target, logits_type, labels_type, rank, channels_last, squared, weights_rank,
-            has_pos_weight, platform_names):
+            has_pos_weight, check_numerics, platform_names):
     """Serialised StableHLO calling `target`; every dimension dynamic (shape-polymorphic).
 
     The result's shape is computed from the operands' sizes at run time and handed to
@@ -166,11 +167,10 @@ def _module(target, logits_type, labels_type, rank, channels_last, squared, weig
     one platform, XlaCallModule passes the platform index as the first argument; the
     handler is looked up per platform by name, so the module ignores it.
     """
-    del has_pos_weight  # pos_weight is always an operand ([C] or empty): same module text
     logits_t = _tensor_type(rank, logits_type)
     operands = [("logits", logits_t), ("labels", _tensor_type(rank, labels_type)),
                 ("weights", _tensor_type(weights_rank, "f32")),
-                ("pos_weight", _tensor_type(1, "f32"))]
+                ("pos_weight", _tensor_type(1 if has_pos_weight else 0, "f32"))]
     class_axis = rank - 1 if channels_last else 1
     lines = []
 
@@ -197,9 +197,15 @@ def _module(target, logits_type, labels_type, rank, channels_last, squared, weig
     call_types = ", ".join(t for _, t in operands_in) + f", tensor<{n}xi32>"
     config = (f"channels_last = {str(channels_last).lower()}, "
               f"squared = {str(squared).lower()}")
+    side_effect = ""
+    if target == STATS_TARGET:
+        config += f", check_numerics = {str(check_numerics).lower()}"
+        # Without it XLA may drop a call whose result is empty (B = 0 or C = 0) and with it
+        # the handler's error for an invalid shape.
+        side_effect = "has_side_effect = true, "
     lines.append(
         f"%result = stablehlo.custom_call @{target}({call_args}) {{api_version = 4 : i32, "
-        f"backend_config = {{{config}}}, "
+        f"{side_effect}backend_config = {{{config}}}, "
         f"indices_of_shape_operands = dense<[{len(operands_in)}]> : tensor<1xi64>}} : "
         f"({call_types}) -> {result_t}")
     lines.append(f"return %result : {result_t}")
@@ -214,12 +220,12 @@ def _module(target, logits_type, labels_type, rank, channels_last, squared, weig
     return _stablehlo.serialize_portable_artifact_str(text, _stablehlo.get_current_version())
 
 
-def _call(target, prepared, operands, out_dtype, out_shape):
-    weights, pos_weight = operands[2], operands[3]
+def _call(target, prepared, operands, out_dtype, out_shape, check_numerics=False):
+    weights = operands[2]
     module = _module(target, _ELEMENT_TYPES[prepared.logits.dtype],
                      _ELEMENT_TYPES[prepared.labels.dtype], prepared.rank,
                      prepared.channels_last, prepared.squared, weights.shape.rank,
-                     prepared.pos_weight is not None, platforms())
+                     prepared.pos_weight is not None, check_numerics, platforms())
     (result,) = _tfxla.call_module(
         list(operands), version=_tfxla.call_module_maximum_supported_version(),
         module=module, Tout=[out_dtype], Sout=[out_shape], platforms=list(platforms()))
@@ -229,7 +235,7 @@ def _call(target, prepared, operands, out_dtype, out_shape):
 # ----------------------------------------------------------------------------------------
 # The op
 
-def stats(prepared, _checked=False):
+def stats(prepared, check_numerics=False, _checked=False):
     """[B, C, 8] float32 statistics through the custom call, with its fused gradient.
 
     `prepared` is an _inputs.Prepared. Labels, weights and pos_weight get no gradient.
@@ -246,7 +252,7 @@ def stats(prepared, _checked=False):
     def fused(logits):
         operands = (logits, p.labels, weights, pos_weight)
         if forward_was_xla:
-            result = _call(STATS_TARGET, p, operands, tf.float32, stats_shape)
+            result = _call(STATS_TARGET, p, operands, tf.float32, stats_shape, check_numerics)
         else:  # called outside XLA (only directly, never through ops.py): the TF op
             result = _loader.status().module.fused_segloss_stats(
                 *operands, data_format=p.data_format, squared=p.squared)

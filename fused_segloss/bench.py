@@ -19,10 +19,11 @@ import time
 from . import _bench_paths as bp
 
 _FULL = dict(batch=8, classes=5, size=512, sizes="64,128,256,512,1024", min_rounds=3,
-             max_rounds=25, group_seconds=10.0, variant_paths="fused,reference_xla",
-             memory_paths=",".join(bp.PATHS))
+             max_rounds=25, group_seconds=10.0, variant_seconds=4.0,
+             variant_paths="fused,reference_xla", memory_paths=",".join(bp.PATHS))
 _QUICK = dict(batch=2, classes=3, size=128, sizes="64,128", min_rounds=2, max_rounds=2,
-              group_seconds=0.0, variant_paths="fused", memory_paths="fused,reference")
+              group_seconds=0.0, variant_seconds=0.0, variant_paths="fused",
+              memory_paths="fused,reference")
 SECTIONS = ("paths", "sweep", "variants", "memory")
 
 
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-rounds", type=int)
     parser.add_argument("--group-seconds", type=float,
                         help="time budget per group for the timed rounds (between min and max)")
+    parser.add_argument("--variant-seconds", type=float,
+                        help="the same for each of the 24 variant groups (full: 4)")
     parser.add_argument("--out-dir", default="bench_out",
                         help="where bench.json, bench.png and bench.txt go (bench_out)")
     args = parser.parse_args(argv)
@@ -90,7 +93,9 @@ def machine():
             "library": repr(_loader.status()),
             "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or
             "default (all usable cpus)",
-            "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")}
+            "onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+            # other work on the machine while the bench ran inflates and scatters the times
+            "load_average_1min_at_start": round(os.getloadavg()[0], 2)}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in f
@@ -125,13 +130,13 @@ def run(args, log=print):
     paths = [p for p in args.paths if p in usable]
     rows, floors, sweep_floors, memory = [], [], {}, []
 
-    def group(section, shape, entries):
+    def group(section, shape, entries, budget_s):
         todo = [e for e in entries if e.path in usable
                 and not report.find(rows, e.path, e.direction, shape)]
         if not todo:
             return
         timed, floor = timing.time_group(shape, todo, args.min_rounds, args.max_rounds,
-                                         args.group_seconds, log=log)
+                                         budget_s, log=log)
         rows.extend(report.row(section, t, floor) for t in timed)
         floors.append(report.floor_row(shape, floor))
         if shape._replace(size=base.size) == base:
@@ -139,18 +144,20 @@ def run(args, log=print):
 
     if "paths" in args.sections:
         log("paths:")
-        group("paths", base, [timing.Entry(p, d) for p in paths for d in bp.DIRECTIONS])
+        group("paths", base, [timing.Entry(p, d) for p in paths for d in bp.DIRECTIONS],
+              args.group_seconds)
     if "sweep" in args.sections:
         log("sweep:")
         for size in args.sizes:
-            group("sweep", base._replace(size=size), [timing.Entry(p, "fwd_bwd") for p in paths])
+            group("sweep", base._replace(size=size), [timing.Entry(p, "fwd_bwd") for p in paths],
+                  args.group_seconds)
     if "variants" in args.sections:
         log("variants:")
         for shape in report.variant_shapes(base):
             entries = [timing.Entry("fused", d) for d in bp.DIRECTIONS
                        if "fused" in args.variant_paths]
             entries += [timing.Entry(p, "fwd_bwd") for p in args.variant_paths if p != "fused"]
-            group("variants", shape, entries)
+            group("variants", shape, entries, args.variant_seconds)
     if "memory" in args.sections:
         log("memory (fresh process per path):")
         probes = [(p, "fwd_bwd") for p in args.memory_paths if p in usable]
@@ -159,10 +166,13 @@ def run(args, log=print):
             memory.append(_bench_memory.measure(path, direction, base))
             log(f"  {path} {direction}: " + (memory[-1].get("error") or
                 f"{memory[-1]['peak_extra_bytes'] / 2**20:.1f} MB"))
+    info["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     report.add_ratios(rows)
     target_rows = report.targets(rows, memory, base, args.sizes)
     compare = next((p for p in args.variant_paths if p != "fused"), None)
-    tables = [f"Machine: {_describe_machine(info)}",
+    tables = [f"Machine: {_describe_machine(info)}; 1-min load average "
+              f"{info['load_average_1min_at_start']} at the start, "
+              f"{info['load_average_1min_at_end']} at the end",
               report.paths_table(rows, memory, base, paths),
               report.sweep_table(rows, base, args.sizes, paths, sweep_floors),
               report.variants_table(rows, base, compare),

@@ -48,14 +48,14 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
     p = _inputs.prepare(logits, labels, weights, pos_weight, data_format, squared)
     if not isinstance(check_numerics, bool):
         raise ValueError(f"`check_numerics` must be a bool, got {check_numerics!r}")
+    path = _choose_path(implementation)
+    if path == "xla":  # the kernel counts non-finite logits (CheckNumerics compiles away)
+        return _xla.stats(p, check_numerics=check_numerics)
     if check_numerics:
         p = p._replace(logits=tf.debugging.check_numerics(
-            p.logits, "fused_segloss: `logits` contain NaN or Inf"))
-    path = _choose_path(implementation)
+            p.logits, "fused_segloss: `logits` contain NaN or Inf (check_numerics=True)"))
     if path == "reference":
         return reference.stats_from_prepared(p)
-    if path == "xla":
-        return _xla.stats(p)
     return library().fused_segloss_stats(
         p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p),
         data_format=p.data_format, squared=p.squared)

@@ -12,9 +12,22 @@ STAT_COLUMNS = ("ce_sum", "weight_sum", "intersection", "pred_sum", "label_sum",
                 "hard_tp", "hard_pred", "hard_label")
 
 
-def check_values(labels, weights):
-    """tf.debugging assertions with the kernels' wording (labels in [0, 1], weights >= 0)."""
+def check_values(p):
+    """tf.debugging assertions with the kernels' wording (shapes known only at run time,
+    labels in [0, 1], weights and pos_weight finite and >= 0)."""
+    labels, weights = p.labels, p.weights
     checks = []
+    if not (p.logits.shape.is_fully_defined() and labels.shape.is_fully_defined()):
+        checks.append(tf.debugging.assert_equal(
+            tf.shape(labels), tf.shape(p.logits),
+            message="`labels` shape must equal the `logits` shape"))
+        checks.append(tf.debugging.assert_positive(
+            tf.shape(p.logits)[p.class_axis],
+            message="`logits` must have at least one class (C >= 1)"))
+    if p.pos_weight is not None:
+        checks.append(tf.debugging.Assert(
+            tf.reduce_all((p.pos_weight >= 0.0) & (p.pos_weight <= 3.0e38)),
+            ["`pos_weight` must be finite and >= 0"]))
     if labels.dtype != tf.bool:
         z = tf.cast(labels, tf.float32)
         checks.append(tf.debugging.Assert(
@@ -37,11 +50,11 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
 
 def stats_from_prepared(p: "_inputs.Prepared", validate=True):
     compute = tf.float64 if p.logits.dtype == tf.float64 else tf.float32
-    deps = check_values(p.labels, p.weights) if validate else []
-    with tf.control_dependencies(deps):
+    deps = check_values(p) if validate else []
+    with tf.control_dependencies(deps):  # every input waits for the checks
         x = tf.cast(p.logits, compute)
-    # Only the logits are differentiable (DESIGN §2.2), as in the fused op.
-    z = tf.stop_gradient(tf.cast(p.labels, compute))
+        # Only the logits are differentiable (DESIGN §2.2), as in the fused op.
+        z = tf.stop_gradient(tf.cast(p.labels, compute))
     w = tf.ones_like(x) if p.weights is None else tf.broadcast_to(
         tf.stop_gradient(tf.cast(p.weights, compute)), tf.shape(x))
     class_shape = [-1] + [1] * (p.rank - 1 - p.class_axis)  # broadcasts along the class axis

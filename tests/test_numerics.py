@@ -275,3 +275,23 @@ def test_empty_class_with_vanishing_predictions_and_smooth_zero_is_finite(path):
         out = run(path, x, z, **{**options, "smooth": 0.0})
         assert_all_finite(out, (path, options))
         assert 0.0 <= out["dice_per_class"][0] <= 1.0
+
+
+# ------------------------------------------------------------------- accumulation accuracy
+@pytest.mark.parametrize("shape, data_format, weight", [
+    ((1, 32768, 1), "channels_last", np.full((1,), 0.98345864, np.float32)),
+    ((2, 4100, 17), "channels_last", np.linspace(0.05, 2.0, 17, dtype=np.float32)),
+    ((1, 3, 40000), "channels_first", np.array([[0.98345864], [0.1], [1.7]], np.float32)),
+], ids=["C1-one-item", "C17-class-weights", "channels_first"])
+def test_long_sums_of_constant_weights_stay_within_the_stats_tolerance(shape, data_format,
+                                                                       weight, check):
+    """The same value added thousands of times is the worst case for float32 running sums
+    (every rounding has the same sign); weight_sum and the hard counts then have an exact
+    expected value. They must stay within conftest's STATS_RTOL like every other sum."""
+    if not fsl.fused_available():
+        pytest.skip("the op library is not built")
+    x = np.full(shape, 2.0, np.float32)  # p > 0.5 and x > 0 everywhere
+    z = np.ones(shape, np.float32)
+    stats = fsl.segloss_stats(x, z, weight, data_format=data_format).numpy()
+    expected = npref.stats(x, z, weight, None, data_format)
+    check.stats(stats, expected, "float32")

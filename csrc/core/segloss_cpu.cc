@@ -12,6 +12,7 @@
 #include "segloss_cpu.h"
 
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -163,11 +164,25 @@ void GradientBlock(const Compute* __restrict__ x, const Compute* __restrict__ z,
   }
 }
 
+template <typename Compute>
+int64_t CountNonFinite(const Compute* __restrict__ x, int64_t count) {
+  int64_t nonfinite = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const Compute magnitude = x[i] < Compute(0) ? -x[i] : x[i];
+    nonfinite += magnitude <= std::numeric_limits<Compute>::max() ? 0 : 1;  // NaN too
+  }
+  return nonfinite;
+}
+
 struct Counts {
-  int64_t invalid_labels = 0, invalid_weights = 0;
+  int64_t invalid_labels = 0, invalid_weights = 0, nonfinite_logits = 0;
 };
 
 std::string CountsError(const Counts& counts) {
+  if (counts.nonfinite_logits > 0) {
+    return "`logits` contain " + std::to_string(counts.nonfinite_logits) +
+           " NaN or Inf value(s) (check_numerics=True)";
+  }
   if (counts.invalid_labels > 0) {
     return "`labels` must lie in [0, 1] (uint8 labels must be 0 or 1); found " +
            std::to_string(counts.invalid_labels) + " value(s) outside that range or NaN";
@@ -206,22 +221,26 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
       }
       std::fill(acc.begin(), acc.end(), Compute(0));
       Counts& counts = item_counts[index];
+      double* partial = partials.data() + index * classes_per_item * kNumStats;
       for (int64_t offset = 0; offset < g.count; offset += block) {
         const int64_t n = std::min(block, g.count - offset);
         const Compute* x = AsCompute(logits + g.base + offset, n, x_buf);
         const Compute* z = AsCompute(labels + g.base + offset, n, z_buf);
         counts.invalid_weights += FillWeights(p, strides, item, offset, n, w_buf.data());
+        if (p.check_numerics) counts.nonfinite_logits += CountNonFinite(x, n);
         Compute* a = acc.data();
         counts.invalid_labels += AccumulateBlock<Compute, kSquared>(
             x, z, w_buf.data(), pos_weight.data(), n, period, a, a + period, a + 2 * period,
             a + 3 * period, a + 4 * period, a + 5 * period, a + 6 * period, a + 7 * period);
-      }
-      double* partial = partials.data() + index * classes_per_item * kNumStats;
-      for (int64_t j = 0; j < period; ++j) {
-        const int64_t local_class = s.channels_last ? j % s.classes : 0;
-        for (int k = 0; k < kNumStats; ++k) {
-          partial[local_class * kNumStats + k] += static_cast<double>(acc[k * period + j]);
+        // Fold the lanes into float64 after every block, so a float32 lane never sums
+        // more than kBlockElements / period terms (accuracy on long runs of one value).
+        for (int64_t j = 0; j < period; ++j) {
+          const int64_t local_class = s.channels_last ? j % s.classes : 0;
+          for (int k = 0; k < kNumStats; ++k) {
+            partial[local_class * kNumStats + k] += static_cast<double>(acc[k * period + j]);
+          }
         }
+        std::fill(acc.begin(), acc.end(), Compute(0));
       }
     }
   };
@@ -232,6 +251,7 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
   for (const Counts& c : item_counts) {
     total.invalid_labels += c.invalid_labels;
     total.invalid_weights += c.invalid_weights;
+    total.nonfinite_logits += c.nonfinite_logits;
   }
   const std::string error = CountsError(total);
   if (!error.empty()) return error;
@@ -386,7 +406,7 @@ std::string ValidateProblem(const SeglossProblem& p) {
   if (total > 0 && (p.logits == nullptr || p.labels == nullptr)) {
     return "`logits` and `labels` must not be null";
   }
-  if (p.weights != nullptr) {
+  {  // absent weights keep the 1x1x1 defaults and pass
     const int64_t full[3] = {s.batch, s.positions, s.classes};
     const int64_t got[3] = {p.weights_batch, p.weights_positions, p.weights_classes};
     const char* names[3] = {"batch", "spatial", "class"};
@@ -400,9 +420,19 @@ std::string ValidateProblem(const SeglossProblem& p) {
   return "";
 }
 
+std::string ValidatePosWeight(const SeglossProblem& p) {
+  if (p.pos_weight == nullptr) return "";
+  int64_t invalid = 0;
+  for (int64_t c = 0; c < p.shape.classes; ++c) invalid += WeightIsValid(p.pos_weight[c]) ? 0 : 1;
+  if (invalid == 0) return "";
+  return "`pos_weight` must be finite and >= 0; found " + std::to_string(invalid) +
+         " negative, infinite or NaN value(s)";
+}
+
 std::string ComputeStatsCpu(const SeglossProblem& problem, const ParallelFor& parallel_for,
                             float* stats_out) {
   std::string error = ValidateProblem(problem);
+  if (error.empty()) error = ValidatePosWeight(problem);
   if (!error.empty()) return error;
   return Dispatch<StatsFn>(problem, parallel_for, stats_out);
 }

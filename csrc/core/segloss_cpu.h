@@ -28,6 +28,8 @@ struct SeglossProblem {
   int64_t weights_batch = 1, weights_positions = 1, weights_classes = 1;
   const float* pos_weight = nullptr;  // optional [C]
   bool squared = false;
+  // Raise on NaN/Inf logits (counted during the forward pass) instead of propagating.
+  bool check_numerics = false;
 };
 
 // Runs fn(begin, end) over disjoint ranges covering [0, n), possibly concurrently.
@@ -39,8 +41,11 @@ using ParallelFor = std::function<void(int64_t n, int64_t cost_per_item, const R
 void SerialFor(int64_t n, int64_t cost_per_item, const RangeFn& fn);
 
 // Checks shapes, dtypes and pointers. Returns "" when valid, else a message that
-// names the argument and what was expected.
+// names the argument and what was expected. Reads no data (pointers may be on a device).
 std::string ValidateProblem(const SeglossProblem& problem);
+
+// Checks the host-side pos_weight values (finite, >= 0). Returns "" or a message.
+std::string ValidatePosWeight(const SeglossProblem& problem);
 
 // stats_out: float32 [B, C, 8]. Returns "" or an error message (invalid labels or
 // weights are detected during the pass). Bitwise deterministic for any ParallelFor:

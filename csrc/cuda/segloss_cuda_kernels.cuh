@@ -41,8 +41,15 @@ __device__ inline void AddCounts(const ValueCounts& counts, unsigned long long* 
   if (counts.weights != 0) atomicAdd(&counters[1], static_cast<unsigned long long>(counts.weights));
 }
 
+// Minimum resident blocks per SM requested from ptxas for the forward kernel (1: let it
+// use the registers it wants; ~94 for 256 threads on sm_90). A build-time knob so that
+// tests/gpu/check_gpu.py can time alternatives (-D FSL_CUDA_STATS_MIN_BLOCKS=3).
+#ifndef FSL_CUDA_STATS_MIN_BLOCKS
+#define FSL_CUDA_STATS_MIN_BLOCKS 1
+#endif
+
 template <typename LogitT, typename LabelT, bool kSquared>
-__global__ void __launch_bounds__(kMaxThreadsFloat)
+__global__ void __launch_bounds__(kMaxThreadsFloat, FSL_CUDA_STATS_MIN_BLOCKS)
     StatsKernel(LaunchPlan plan, KernelProblem p, double* partials, unsigned long long* counters) {
   using Compute = typename ComputeTypeOf<LogitT>::type;
   __shared__ Compute smem[kSlots * kNumStats * MaxThreadsOf<Compute>::value];

@@ -2,7 +2,6 @@
 // memory, dtype dispatch to the typed kernels, and the value check of the forward pass.
 #include <cuda_runtime.h>
 
-#include <cstdio>
 #include <string>
 
 #include "segloss_cuda.h"
@@ -25,8 +24,20 @@ int Fail(int code, std::string message) {
 }
 
 int CudaFail(const char* what, cudaError_t error) {
-  return Fail(kCudaError, std::string("fused_segloss CUDA: ") + what + " failed: " +
-                              cudaGetErrorName(error) + " (" + cudaGetErrorString(error) + ")");
+  std::string message = std::string("fused_segloss CUDA: ") + what + " failed: " +
+                        cudaGetErrorName(error) + " (" + cudaGetErrorString(error) + ")";
+  if (error == cudaErrorInsufficientDriver || error == cudaErrorNoKernelImageForDevice ||
+      error == cudaErrorUnsupportedPtxVersion || error == cudaErrorNoDevice) {
+    int driver = 0;
+    cudaDriverGetVersion(&driver);
+    message += ". The kernels were built with CUDA " + std::to_string(CUDART_VERSION / 1000) +
+               "." + std::to_string(CUDART_VERSION % 1000 / 10) +
+               " for sm_75 and newer and need an NVIDIA driver that supports it (>= 580 for "
+               "CUDA 13); this driver supports CUDA " + std::to_string(driver / 1000) + "." +
+               std::to_string(driver % 1000 / 10) + ". Update the driver, run the op on the "
+               "CPU, or rebuild with FUSED_SEGLOSS_CUDA=OFF (docs/gpu.md)";
+  }
+  return Fail(kCudaError, message);
 }
 
 // Makes the stream's device current for the runtime calls of one launcher call, so that

@@ -98,8 +98,16 @@ FSL_HD int MaxThreadsFor(DType logits_dtype) {
 
 // The plan for one problem shape (a pure function of the shape and the compute type:
 // the same on every GPU, so results do not depend on the device's SM count).
-inline LaunchPlan MakeLaunchPlan(const ProblemShape& s, int max_threads) {
+inline LaunchPlan MakeLaunchPlan(const ProblemShape& shape, int max_threads) {
   LaunchPlan plan;
+  // Total for any input (callers may ask for the workspace size before validating):
+  // negative sizes count as 0 and C = 0 as 1, which gives an empty launch.
+  ProblemShape s = shape;
+  if (s.batch < 0 || s.positions < 0 || s.classes <= 0) {
+    s.batch = s.batch < 0 || s.classes <= 0 ? 0 : s.batch;
+    s.positions = s.positions < 0 ? 0 : s.positions;
+    s.classes = s.classes <= 0 ? 1 : s.classes;
+  }
   const int64_t q = s.channels_last ? s.classes / Gcd(s.classes, kSlots) : 1;
   plan.rows = s.channels_last ? s.batch : s.batch * s.classes;
   if (q <= max_threads) {
@@ -127,7 +135,7 @@ inline LaunchPlan MakeLaunchPlan(const ProblemShape& s, int max_threads) {
   return plan;
 }
 
-// The kernels' view of a problem: shape, typed-erased device pointers, weight strides.
+// The kernels' view of a problem: shape, type-erased device pointers, weight strides.
 struct KernelProblem {
   ProblemShape shape;
   const void* logits = nullptr;
@@ -220,13 +228,23 @@ struct alignas(kSlots * sizeof(T)) Group {
   T v[kSlots];
 };
 
+#if !defined(__CUDA_ARCH__)
+// Host simulation only: whole-group accesses at addresses the device could not load
+// as one vector (which would fault there). The simulation fails when this is not 0.
+inline int64_t& HostMisalignedGroupAccesses() {
+  static thread_local int64_t count = 0;
+  return count;
+}
+#endif
+
 template <typename T>
 FSL_HD void LoadGroup(const T* base, int64_t index, T out[kSlots]) {
 #if defined(__CUDA_ARCH__)
   const Group<T> group = *reinterpret_cast<const Group<T>*>(base + index);
-FSL_UNROLL
+  FSL_UNROLL
   for (int j = 0; j < kSlots; ++j) out[j] = group.v[j];
 #else
+  HostMisalignedGroupAccesses() += reinterpret_cast<uintptr_t>(base + index) % alignof(Group<T>) != 0;
   std::memcpy(out, base + index, sizeof(T) * kSlots);
 #endif
 }
@@ -234,11 +252,34 @@ FSL_UNROLL
 template <typename T>
 FSL_HD void StoreGroup(T* base, int64_t index, const T in[kSlots]) {
 #if defined(__CUDA_ARCH__)
+  // One vector store per 16 bytes (8 or 4 for narrow types), written as PTX: from a
+  // plain struct store the compiler merges the two paths' stores into scalar ones.
   Group<T> group;
-FSL_UNROLL
+  FSL_UNROLL
   for (int j = 0; j < kSlots; ++j) group.v[j] = in[j];
-  *reinterpret_cast<Group<T>*>(base + index) = group;
+  constexpr int kBytes = static_cast<int>(sizeof(Group<T>));
+  char* dst = reinterpret_cast<char*>(base + index);
+  if constexpr (kBytes >= 16) {
+    uint4 words[kBytes / 16];
+    memcpy(words, &group, kBytes);
+    FSL_UNROLL
+    for (int k = 0; k < kBytes / 16; ++k) {
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(dst + 16 * k),
+                   "r"(words[k].x), "r"(words[k].y), "r"(words[k].z), "r"(words[k].w)
+                   : "memory");
+    }
+  } else if constexpr (kBytes == 8) {
+    uint2 word;
+    memcpy(&word, &group, kBytes);
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(dst), "r"(word.x), "r"(word.y)
+                 : "memory");
+  } else {
+    unsigned int word;
+    memcpy(&word, &group, kBytes);
+    asm volatile("st.global.b32 [%0], %1;" ::"l"(dst), "r"(word) : "memory");
+  }
 #else
+  HostMisalignedGroupAccesses() += reinterpret_cast<uintptr_t>(base + index) % alignof(Group<T>) != 0;
   std::memcpy(base + index, in, sizeof(T) * kSlots);
 #endif
 }

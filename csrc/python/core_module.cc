@@ -24,11 +24,19 @@ DType DTypeOf(const py::array& a, const char* arg) {
   if (name == "bfloat16") return DType::kBFloat16;
   if (name == "uint8") return DType::kUInt8;
   if (name == "bool") return DType::kBool;
-  throw py::value_error(std::string("`") + arg + "` has unsupported dtype " + name);
+  const bool labels = std::string(arg) == "labels";
+  throw py::value_error(std::string("`") + arg + "` has unsupported dtype " + name +
+                        "; expected float16, bfloat16, float32 or float64" +
+                        (labels ? ", uint8 or bool" : ""));
 }
 
+// C-contiguous and in native byte order (the kernels read raw memory).
 py::array Contiguous(const py::object& obj) {
-  return py::module_::import("numpy").attr("ascontiguousarray")(obj);
+  py::array a = py::module_::import("numpy").attr("ascontiguousarray")(obj);
+  if (!a.dtype().attr("isnative").cast<bool>()) {
+    a = a.attr("astype")(a.dtype().attr("newbyteorder")("="));
+  }
+  return a;
 }
 
 // A ParallelFor over `threads` std::threads, each taking a contiguous range.

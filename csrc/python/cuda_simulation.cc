@@ -22,6 +22,7 @@
 #include <pybind11/pybind11.h>
 
 #include <limits>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -182,6 +183,15 @@ void SimulateGrad(const SeglossProblem& p, bool vector_loads, const float* grad_
   }
 }
 
+// A vector access the device would fault on is a bug in the plan, not in the input.
+void CheckAlignment() {
+  const int64_t misaligned = fc::HostMisalignedGroupAccesses();
+  if (misaligned != 0) {
+    throw std::runtime_error("simulated CUDA launch made " + std::to_string(misaligned) +
+                             " misaligned vector accesses");
+  }
+}
+
 py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& labels,
                                    const py::object& weights, const py::object& pos_weight,
                                    bool channels_last, bool squared, bool vector_loads) {
@@ -190,6 +200,7 @@ py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& l
   py::array_t<float> out({p.shape.batch, p.shape.classes, int64_t{8}});
   float* stats = out.mutable_data();
   std::string error;
+  fc::HostMisalignedGroupAccesses() = 0;
   {
     py::gil_scoped_release release;
     error = fc::DispatchDTypes<std::string>(
@@ -201,6 +212,7 @@ py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& l
         });
   }
   if (!error.empty()) throw py::value_error(error);
+  CheckAlignment();
   return out;
 }
 
@@ -219,6 +231,7 @@ py::array SimulateGradPy(const py::object& logits, const py::object& labels,
   py::array out = np.attr("full_like")(b.logits, np.attr("nan"));
   void* out_data = out.mutable_data();
   const float* g = grad_stats.data();
+  fc::HostMisalignedGroupAccesses() = 0;
   {
     py::gil_scoped_release release;
     fc::DispatchDTypes<int>(p.logits_dtype, p.labels_dtype, 0, [&](auto logit_tag, auto label_tag) {
@@ -232,6 +245,7 @@ py::array SimulateGradPy(const py::object& logits, const py::object& labels,
       return 0;
     });
   }
+  CheckAlignment();
   return out;
 }
 

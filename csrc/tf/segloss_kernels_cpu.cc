@@ -58,12 +58,11 @@ class StatsGradCpuOp : public SeglossKernelBase {
     fused_segloss::SeglossProblem problem;
     OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, channels_last_, squared_, &problem));
     const Tensor& grad_stats = ctx->input(4);
-    const tensorflow::TensorShape expected(
-        {problem.shape.batch, problem.shape.classes, 8});
-    OP_REQUIRES(ctx, grad_stats.shape() == expected,
-                tensorflow::errors::InvalidArgument(
-                    "FusedSeglossStatsGrad: `grad_stats` must have shape ",
-                    expected.DebugString(), ", got ", grad_stats.shape().DebugString()));
+    const TensorDims grad_dims(grad_stats);
+    const std::string shape_error =
+        fused_segloss::CheckGradStatsShape(problem, grad_dims.dims, grad_dims.rank);
+    OP_REQUIRES(ctx, shape_error.empty(),
+                tensorflow::errors::InvalidArgument("FusedSeglossStatsGrad: ", shape_error));
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &grad));
     const std::string error = fused_segloss::ComputeLogitGradCpu(

@@ -6,7 +6,7 @@
 
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "segloss_cpu.h"
+#include "segloss_operands.h"
 
 namespace fused_segloss_tf {
 
@@ -26,58 +26,35 @@ inline absl::Status ToCoreDType(tensorflow::DataType dtype, const char* arg,
                                              "`: ", tensorflow::DataTypeString(dtype));
 }
 
+// The dims of a tensor as int64 (TF's dim_size), for OperandView.
+struct TensorDims {
+  explicit TensorDims(const tensorflow::Tensor& t) : rank(t.dims()) {
+    for (int d = 0; d < rank && d < 8; ++d) dims[d] = t.dim_size(d);
+  }
+  int64_t dims[8] = {0};
+  int rank;
+};
+
 // ctx inputs: logits, labels, weights, pos_weight (in that order).
 inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool channels_last,
                                       bool squared, fused_segloss::SeglossProblem* p) {
-  const tensorflow::Tensor& logits = ctx->input(0);
-  const tensorflow::Tensor& labels = ctx->input(1);
-  const tensorflow::Tensor& weights = ctx->input(2);
-  const tensorflow::Tensor& pos_weight = ctx->input(3);
-  const int rank = logits.dims();
-  if (rank < 2 || rank > 5) {
-    return tensorflow::errors::InvalidArgument(
-        "FusedSegloss: `logits` must have rank 2 to 5 ([B, *spatial, C] or [B, C, *spatial] "
-        "with 0 to 3 spatial dims), got shape ", logits.shape().DebugString());
+  const tensorflow::Tensor* inputs[4] = {&ctx->input(0), &ctx->input(1), &ctx->input(2),
+                                         &ctx->input(3)};
+  const char* names[4] = {"logits", "labels", "weights", "pos_weight"};
+  TensorDims dims[4] = {TensorDims(*inputs[0]), TensorDims(*inputs[1]), TensorDims(*inputs[2]),
+                        TensorDims(*inputs[3])};
+  fused_segloss::OperandView views[4];
+  for (int i = 0; i < 4; ++i) {
+    if (inputs[i]->dims() > 8) {
+      return tensorflow::errors::InvalidArgument("FusedSegloss: `", names[i],
+                                                 "` has too many dimensions");
+    }
+    views[i] = {inputs[i]->data(), dims[i].dims, dims[i].rank};
   }
-  if (labels.shape() != logits.shape()) {
-    return tensorflow::errors::InvalidArgument(
-        "FusedSegloss: `labels` shape ", labels.shape().DebugString(),
-        " must equal the `logits` shape ", logits.shape().DebugString());
-  }
-  p->shape.channels_last = channels_last;
-  p->shape.batch = logits.dim_size(0);
-  p->shape.classes = logits.dim_size(channels_last ? rank - 1 : 1);
-  p->shape.positions = 1;
-  for (int d = 1; d < rank; ++d) {
-    if (d != (channels_last ? rank - 1 : 1)) p->shape.positions *= logits.dim_size(d);
-  }
-  TF_RETURN_IF_ERROR(ToCoreDType(logits.dtype(), "logits", &p->logits_dtype));
-  TF_RETURN_IF_ERROR(ToCoreDType(labels.dtype(), "labels", &p->labels_dtype));
-  p->logits = logits.data();
-  p->labels = labels.data();
-  if (weights.NumElements() == 0 && weights.dims() == 1) {
-    p->weights = nullptr;
-  } else if (weights.dims() == 3) {
-    p->weights = weights.flat<float>().data();
-    p->weights_batch = weights.dim_size(0);
-    p->weights_positions = weights.dim_size(channels_last ? 1 : 2);
-    p->weights_classes = weights.dim_size(channels_last ? 2 : 1);
-  } else {
-    return tensorflow::errors::InvalidArgument(
-        "FusedSegloss: `weights` must be a rank-3 canonical view [Bw, Nw, Cw] or an empty "
-        "vector, got shape ", weights.shape().DebugString());
-  }
-  if (pos_weight.NumElements() == 0) {
-    p->pos_weight = nullptr;
-  } else if (pos_weight.dims() == 1 && pos_weight.dim_size(0) == p->shape.classes) {
-    p->pos_weight = pos_weight.flat<float>().data();
-  } else {
-    return tensorflow::errors::InvalidArgument(
-        "FusedSegloss: `pos_weight` must have shape [C] = [", p->shape.classes,
-        "], got ", pos_weight.shape().DebugString());
-  }
-  p->squared = squared;
-  const std::string error = fused_segloss::ValidateProblem(*p);
+  TF_RETURN_IF_ERROR(ToCoreDType(inputs[0]->dtype(), "logits", &p->logits_dtype));
+  TF_RETURN_IF_ERROR(ToCoreDType(inputs[1]->dtype(), "labels", &p->labels_dtype));
+  const std::string error = fused_segloss::ProblemFromOperands(
+      views[0], views[1], views[2], views[3], channels_last, squared, p);
   if (!error.empty()) return tensorflow::errors::InvalidArgument("FusedSegloss: ", error);
   return absl::OkStatus();
 }

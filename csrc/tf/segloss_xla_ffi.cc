@@ -7,9 +7,9 @@
 //   logits     [B, *S, C] or [B, C, *S]; float32, float64, float16 or bfloat16
 //   labels     same shape; any of those, uint8 or pred (bool: one byte, 0 or 1)
 //   weights    float32 canonical view [Bw, Nw, Cw] / [Bw, Cw, Nw], or rank-1 empty
-//   pos_weight float32 [C], or empty
+//   pos_weight float32 [C], or rank-0 (absent)
 //   grad_stats float32 [B, C, 8]            (gradient handler only)
-// Attributes: channels_last (bool), squared (bool).
+// Attributes: channels_last (bool), squared (bool), check_numerics (bool, stats only).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -20,7 +20,7 @@
 
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
-#include "segloss_cpu.h"
+#include "segloss_operands.h"
 
 #if FSL_WITH_CUDA
 #include "segloss_cuda.h"
@@ -48,27 +48,11 @@ bool ToCoreDType(ffi::DataType dtype, DType* out) {
   }
 }
 
-std::string ShapeString(ffi::AnyBuffer::Dimensions dims) {
-  std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
-  return s + "]";
-}
-
-// Returns "" or a message naming the argument (the same wording as the TF op's checks).
+// Returns "" or a message naming the argument (shared rules: core/segloss_problem.h).
 std::string ProblemFromBuffers(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& labels,
                                const ffi::AnyBuffer& weights, const ffi::AnyBuffer& pos_weight,
-                               bool channels_last, bool squared, SeglossProblem* p) {
-  const auto dims = logits.dimensions();
-  const int rank = static_cast<int>(dims.size());
-  if (rank < 2 || rank > 5) {
-    return "`logits` must have rank 2 to 5 ([B, *spatial, C] or [B, C, *spatial] with 0 to 3 "
-           "spatial dims), got shape " + ShapeString(dims);
-  }
-  const auto label_dims = labels.dimensions();
-  if (!std::equal(dims.begin(), dims.end(), label_dims.begin(), label_dims.end())) {
-    return "`labels` shape " + ShapeString(label_dims) + " must equal the `logits` shape " +
-           ShapeString(dims);
-  }
+                               bool channels_last, bool squared, bool check_numerics,
+                               SeglossProblem* p) {
   if (!ToCoreDType(logits.element_type(), &p->logits_dtype) ||
       p->logits_dtype == DType::kUInt8 || p->logits_dtype == DType::kBool) {
     return "unsupported dtype for `logits` (float16, bfloat16, float32 or float64 expected)";
@@ -76,52 +60,20 @@ std::string ProblemFromBuffers(const ffi::AnyBuffer& logits, const ffi::AnyBuffe
   if (!ToCoreDType(labels.element_type(), &p->labels_dtype)) {
     return "unsupported dtype for `labels` (a float type, uint8 or bool expected)";
   }
-  const int class_axis = channels_last ? rank - 1 : 1;
-  p->shape.channels_last = channels_last;
-  p->shape.batch = dims[0];
-  p->shape.classes = dims[class_axis];
-  p->shape.positions = 1;
-  for (int d = 1; d < rank; ++d) {
-    if (d != class_axis) p->shape.positions *= dims[d];
-  }
-  p->logits = logits.untyped_data();
-  p->labels = labels.untyped_data();
-
-  const auto w_dims = weights.dimensions();
   if (weights.element_type() != ffi::DataType::F32) return "`weights` must be float32";
-  if (w_dims.size() == 1 && w_dims[0] == 0) {
-    p->weights = nullptr;
-  } else if (w_dims.size() == 3) {
-    p->weights = static_cast<const float*>(weights.untyped_data());
-    p->weights_batch = w_dims[0];
-    p->weights_positions = w_dims[channels_last ? 1 : 2];
-    p->weights_classes = w_dims[channels_last ? 2 : 1];
-  } else {
-    return "`weights` must be a rank-3 canonical view [Bw, Nw, Cw] or an empty vector, got "
-           "shape " + ShapeString(w_dims);
-  }
-
-  const auto pw_dims = pos_weight.dimensions();
   if (pos_weight.element_type() != ffi::DataType::F32) return "`pos_weight` must be float32";
-  if (pos_weight.element_count() == 0) {
-    p->pos_weight = nullptr;
-  } else if (pw_dims.size() == 1 && pw_dims[0] == p->shape.classes) {
-    p->pos_weight = static_cast<const float*>(pos_weight.untyped_data());
-  } else {
-    return "`pos_weight` must have shape [C] = [" + std::to_string(p->shape.classes) +
-           "], got " + ShapeString(pw_dims);
-  }
-  p->squared = squared;
-  return fused_segloss::ValidateProblem(*p);
+  auto view = [](const ffi::AnyBuffer& b) {
+    const auto dims = b.dimensions();
+    return fused_segloss::OperandView{b.untyped_data(), dims.begin(),
+                                      static_cast<int>(dims.size())};
+  };
+  p->check_numerics = check_numerics;
+  return fused_segloss::ProblemFromOperands(view(logits), view(labels), view(weights),
+                                            view(pos_weight), channels_last, squared, p);
 }
 
 std::string CheckGradStats(const SeglossProblem& p, ffi::AnyBuffer::Dimensions g) {
-  const int64_t expected[3] = {p.shape.batch, p.shape.classes, 8};
-  if (g.size() != 3 || !std::equal(g.begin(), g.end(), expected)) {
-    return "`grad_stats` must have shape [" + std::to_string(expected[0]) + ", " +
-           std::to_string(expected[1]) + ", 8], got " + ShapeString(g);
-  }
-  return "";
+  return fused_segloss::CheckGradStatsShape(p, g.begin(), static_cast<int>(g.size()));
 }
 
 // --- CPU: the core's work items on XLA's intra-op thread pool ---------------------------
@@ -180,10 +132,11 @@ fused_segloss::ParallelFor PoolParallelFor(ffi::ThreadPool* pool) {
 
 ffi::Error StatsHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                      ffi::AnyBuffer pos_weight, bool channels_last, bool squared,
-                     ffi::ThreadPool pool, ffi::Result<ffi::Buffer<ffi::F32>> stats) {
+                     bool check_numerics, ffi::ThreadPool pool,
+                     ffi::Result<ffi::Buffer<ffi::F32>> stats) {
   SeglossProblem problem;
   std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
-                                         squared, &problem);
+                                         squared, check_numerics, &problem);
   if (error.empty()) {
     error = fused_segloss::ComputeStatsCpu(problem, PoolParallelFor(&pool),
                                            stats->typed_data());
@@ -198,7 +151,7 @@ ffi::Error StatsGradHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyB
                          ffi::Result<ffi::AnyBuffer> grad_logits) {
   SeglossProblem problem;
   std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
-                                         squared, &problem);
+                                         squared, /*check_numerics=*/false, &problem);
   if (error.empty()) error = CheckGradStats(problem, grad_stats.dimensions());
   if (error.empty() && grad_logits->element_type() != logits.element_type()) {
     error = "the gradient must have the logits' dtype";
@@ -224,12 +177,18 @@ ffi::Error FromCudaStatus(int code, const char* op) {
 
 ffi::Error StatsCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                      ffi::AnyBuffer pos_weight, bool channels_last, bool squared,
-                     void* stream, ffi::ScratchAllocator scratch,
+                     bool check_numerics, void* stream, ffi::ScratchAllocator scratch,
                      ffi::Result<ffi::Buffer<ffi::F32>> stats) {
   SeglossProblem problem;
   const std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight,
-                                               channels_last, squared, &problem);
+                                               channels_last, squared, check_numerics,
+                                               &problem);
   if (!error.empty()) return ffi::Error::InvalidArgument("FusedSeglossStats: " + error);
+  if (check_numerics) {
+    return ffi::Error::InvalidArgument(
+        "FusedSeglossStats: check_numerics=True is not supported by the CUDA kernels inside "
+        "XLA; check the logits with tf.debugging.check_numerics outside the jit function");
+  }
   // The partial sums go to XLA's scratch memory where the runtime offers it (XLA may
   // hold most of the GPU's memory); where it offers none (seen with JAX's PJRT client),
   // the launcher allocates them stream-ordered itself (cudaMallocAsync).
@@ -256,7 +215,7 @@ ffi::Error StatsGradCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyB
                          ffi::Result<ffi::AnyBuffer> grad_logits) {
   SeglossProblem problem;
   std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
-                                         squared, &problem);
+                                         squared, /*check_numerics=*/false, &problem);
   if (error.empty()) error = CheckGradStats(problem, grad_stats.dimensions());
   if (error.empty() && grad_logits->element_type() != logits.element_type()) {
     error = "the gradient must have the logits' dtype";
@@ -280,6 +239,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsHost, StatsHost,
                                   .Arg<ffi::AnyBuffer>()  // pos_weight
                                   .Attr<bool>("channels_last")
                                   .Attr<bool>("squared")
+                                  .Attr<bool>("check_numerics")
                                   .Ctx<ffi::ThreadPool>()
                                   .Ret<ffi::Buffer<ffi::F32>>());  // stats [B, C, 8]
 
@@ -311,6 +271,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsCuda, StatsCuda,
                                   .Arg<ffi::AnyBuffer>()  // pos_weight
                                   .Attr<bool>("channels_last")
                                   .Attr<bool>("squared")
+                                  .Attr<bool>("check_numerics")
                                   .Ctx<ffi::PlatformStream<void*>>()
                                   .Ctx<ffi::ScratchAllocator>()
                                   .Ret<ffi::Buffer<ffi::F32>>());  // stats [B, C, 8]

@@ -1,0 +1,70 @@
+#include "segloss_operands.h"
+
+namespace fused_segloss {
+
+std::string ShapeString(const int64_t* dims, int rank) {
+  std::string s = "[";
+  for (int i = 0; i < rank; ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+std::string ProblemFromOperands(const OperandView& logits, const OperandView& labels,
+                                const OperandView& weights, const OperandView& pos_weight,
+                                bool channels_last, bool squared, SeglossProblem* p) {
+  const int rank = logits.rank;
+  if (rank < 2 || rank > 5) {
+    return "`logits` must have rank 2 to 5 ([B, *spatial, C] or [B, C, *spatial] with 0 to 3 "
+           "spatial dims), got shape " + ShapeString(logits.dims, rank);
+  }
+  bool same = labels.rank == rank;
+  for (int d = 0; same && d < rank; ++d) same = labels.dims[d] == logits.dims[d];
+  if (!same) {
+    return "`labels` shape " + ShapeString(labels.dims, labels.rank) +
+           " must equal the `logits` shape " + ShapeString(logits.dims, rank);
+  }
+  const int class_axis = channels_last ? rank - 1 : 1;
+  p->shape.channels_last = channels_last;
+  p->shape.batch = logits.dims[0];
+  p->shape.classes = logits.dims[class_axis];
+  p->shape.positions = 1;
+  for (int d = 1; d < rank; ++d) {
+    if (d != class_axis) p->shape.positions *= logits.dims[d];
+  }
+  p->logits = logits.data;
+  p->labels = labels.data;
+
+  if (weights.rank == 1 && weights.dims[0] == 0) {
+    p->weights = nullptr;  // absent
+  } else if (weights.rank == 3) {
+    // May be null for a zero-size view; ValidateProblem still checks its dims.
+    p->weights = static_cast<const float*>(weights.data);
+    p->weights_batch = weights.dims[0];
+    p->weights_positions = weights.dims[channels_last ? 1 : 2];
+    p->weights_classes = weights.dims[channels_last ? 2 : 1];
+  } else {
+    return "`weights` must be the rank-3 canonical view [Bw, Nw, Cw] or an empty vector, got "
+           "shape " + ShapeString(weights.dims, weights.rank);
+  }
+
+  if (pos_weight.rank == 0) {
+    p->pos_weight = nullptr;  // absent
+  } else if (pos_weight.rank == 1 && pos_weight.dims[0] == p->shape.classes) {
+    p->pos_weight = static_cast<const float*>(pos_weight.data);
+  } else {
+    return "`pos_weight` must have shape [C] = [" + std::to_string(p->shape.classes) +
+           "], got " + ShapeString(pos_weight.dims, pos_weight.rank);
+  }
+  p->squared = squared;
+  return ValidateProblem(*p);
+}
+
+std::string CheckGradStatsShape(const SeglossProblem& p, const int64_t* dims, int rank) {
+  const int64_t expected[3] = {p.shape.batch, p.shape.classes, kNumStats};
+  if (rank != 3 || dims[0] != expected[0] || dims[1] != expected[1] || dims[2] != expected[2]) {
+    return "`grad_stats` must have shape " + ShapeString(expected, 3) + ", got " +
+           ShapeString(dims, rank);
+  }
+  return "";
+}
+
+}  // namespace fused_segloss

@@ -1,0 +1,37 @@
+// Builds a SeglossProblem from the shapes and pointers of the op's operands, with every
+// shape rule and its message in one place. The TF OpKernels (CPU and GPU) and the XLA
+// FFI handlers (Host and CUDA) are thin adapters that call this.
+//
+// Operand conventions (the Python layer canonicalises user inputs into them):
+//   logits      [B, *S, C] or [B, C, *S], 0 to 3 spatial dims (rank 2..5)
+//   labels      the logits' shape
+//   weights     float32 canonical view [Bw, Nw, Cw] / [Bw, Cw, Nw] (each axis 1 or full),
+//               or a rank-1 empty tensor meaning "no weights"
+//   pos_weight  float32 [C], or a rank-0 tensor meaning "all ones"
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "segloss_cpu.h"
+
+namespace fused_segloss {
+
+struct OperandView {
+  const void* data = nullptr;
+  const int64_t* dims = nullptr;
+  int rank = 0;
+};
+
+std::string ShapeString(const int64_t* dims, int rank);
+
+// Fills everything but the dtypes (the caller maps its framework's dtype enum).
+// Returns "" or a message naming the argument and what was expected.
+std::string ProblemFromOperands(const OperandView& logits, const OperandView& labels,
+                                const OperandView& weights, const OperandView& pos_weight,
+                                bool channels_last, bool squared, SeglossProblem* problem);
+
+// `grad_stats` must be [B, C, 8].
+std::string CheckGradStatsShape(const SeglossProblem& problem, const int64_t* dims, int rank);
+
+}  // namespace fused_segloss
