@@ -183,15 +183,7 @@ std::string CountsError(const Counts& counts) {
     return "`logits` contain " + std::to_string(counts.nonfinite_logits) +
            " NaN or Inf value(s) (check_numerics=True)";
   }
-  if (counts.invalid_labels > 0) {
-    return "`labels` must lie in [0, 1] (uint8 labels must be 0 or 1); found " +
-           std::to_string(counts.invalid_labels) + " value(s) outside that range or NaN";
-  }
-  if (counts.invalid_weights > 0) {
-    return "`weights` must be finite and >= 0; found " +
-           std::to_string(counts.invalid_weights) + " negative, infinite or NaN value(s)";
-  }
-  return "";
+  return InvalidValuesMessage(counts.invalid_labels, counts.invalid_weights);
 }
 
 template <typename LogitT, typename LabelT, bool kSquared>
@@ -375,6 +367,18 @@ const char* DTypeName(DType dtype) {
     case DType::kBool: return "bool";
   }
   return "unknown";
+}
+
+std::string InvalidValuesMessage(int64_t invalid_labels, int64_t invalid_weights) {
+  if (invalid_labels > 0) {
+    return "`labels` must lie in [0, 1] (uint8 labels must be 0 or 1); found " +
+           std::to_string(invalid_labels) + " value(s) outside that range or NaN";
+  }
+  if (invalid_weights > 0) {
+    return "`weights` must be finite and >= 0; found " + std::to_string(invalid_weights) +
+           " negative, infinite or NaN value(s)";
+  }
+  return "";
 }
 
 void SerialFor(int64_t n, int64_t /*cost_per_item*/, const RangeFn& fn) {

@@ -44,6 +44,10 @@ void SerialFor(int64_t n, int64_t cost_per_item, const RangeFn& fn);
 // names the argument and what was expected. Reads no data (pointers may be on a device).
 std::string ValidateProblem(const SeglossProblem& problem);
 
+// The error for invalid values found during a pass ("" when both counts are 0); shared
+// with the CUDA launcher so that both devices report the same message.
+std::string InvalidValuesMessage(int64_t invalid_labels, int64_t invalid_weights);
+
 // Checks the host-side pos_weight values (finite, >= 0). Returns "" or a message.
 std::string ValidatePosWeight(const SeglossProblem& problem);
 

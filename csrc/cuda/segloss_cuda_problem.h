@@ -67,15 +67,7 @@ inline KernelProblem MakeKernelProblem(const SeglossProblem& p, const void* grad
 // The CPU kernel's wording (segloss_cpu.cc CountsError), so that both devices report
 // invalid values identically; tests/test_cuda_host_simulation.py compares the two.
 inline std::string CountsMessage(int64_t invalid_labels, int64_t invalid_weights) {
-  if (invalid_labels > 0) {
-    return "`labels` must lie in [0, 1] (uint8 labels must be 0 or 1); found " +
-           std::to_string(invalid_labels) + " value(s) outside that range or NaN";
-  }
-  if (invalid_weights > 0) {
-    return "`weights` must be finite and >= 0; found " + std::to_string(invalid_weights) +
-           " negative, infinite or NaN value(s)";
-  }
-  return "";
+  return InvalidValuesMessage(invalid_labels, invalid_weights);  // the CPU kernel's wording
 }
 
 }  // namespace cuda

@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "bind_problem.h"
 #include "segloss_cpu.h"
 #include "segloss_cuda_dispatch.h"
 #include "segloss_cuda_plan.h"
@@ -39,70 +40,13 @@ using fused_segloss::DType;
 using fused_segloss::SeglossProblem;
 namespace fc = fused_segloss::cuda;
 
-DType DTypeFromName(const std::string& name, const char* arg) {
-  if (name == "float32") return DType::kFloat32;
-  if (name == "float64") return DType::kFloat64;
-  if (name == "float16") return DType::kFloat16;
-  if (name == "bfloat16") return DType::kBFloat16;
-  if (name == "uint8") return DType::kUInt8;
-  if (name == "bool") return DType::kBool;
-  throw py::value_error(std::string("`") + arg + "` has unsupported dtype " + name);
-}
-
-DType DTypeOfArray(const py::array& a, const char* arg) {
-  return DTypeFromName(py::str(a.dtype().attr("name")), arg);
-}
-
-// The arrays behind a SeglossProblem, kept alive for its lifetime.
-struct BoundArrays {
-  SeglossProblem problem;
-  py::array logits, labels, weights, pos_weight;
-};
-
-BoundArrays Bind(const py::object& logits_obj, const py::object& labels_obj,
-                 const py::object& weights_obj, const py::object& pos_weight_obj,
-                 bool channels_last, bool squared) {
-  auto np = py::module_::import("numpy");
-  BoundArrays b;
-  // ascontiguousarray keeps an already contiguous view as is, so a misaligned view
-  // (e.g. buffer[1:]) stays misaligned and exercises the scalar-load path.
-  b.logits = np.attr("ascontiguousarray")(logits_obj);
-  b.labels = np.attr("ascontiguousarray")(labels_obj);
-  const int rank = static_cast<int>(b.logits.ndim());
-  if (rank < 2 || rank > 5) throw py::value_error("`logits` must have rank 2 to 5");
-  bool same_shape = b.labels.ndim() == rank;
-  for (int d = 0; same_shape && d < rank; ++d) same_shape = b.labels.shape(d) == b.logits.shape(d);
-  if (!same_shape) throw py::value_error("`labels` must have the logits' shape");
-  SeglossProblem& p = b.problem;
-  const int class_axis = channels_last ? rank - 1 : 1;
-  p.shape.channels_last = channels_last;
-  p.shape.batch = b.logits.shape(0);
-  p.shape.classes = b.logits.shape(class_axis);
-  p.shape.positions = 1;
-  for (int d = 1; d < rank; ++d) {
-    if (d != class_axis) p.shape.positions *= b.logits.shape(d);
-  }
-  p.logits_dtype = DTypeOfArray(b.logits, "logits");
-  p.labels_dtype = DTypeOfArray(b.labels, "labels");
-  p.logits = b.logits.data();
-  p.labels = b.labels.data();
-  if (!weights_obj.is_none()) {
-    b.weights = py::array_t<float, py::array::c_style | py::array::forcecast>(weights_obj);
-    if (b.weights.ndim() != 3) throw py::value_error("`weights` must be a canonical rank-3 view");
-    p.weights = static_cast<const float*>(b.weights.data());
-    p.weights_batch = b.weights.shape(0);
-    p.weights_positions = b.weights.shape(channels_last ? 1 : 2);
-    p.weights_classes = b.weights.shape(channels_last ? 2 : 1);
-  }
-  if (!pos_weight_obj.is_none()) {
-    b.pos_weight = py::array_t<float, py::array::c_style | py::array::forcecast>(pos_weight_obj);
-    if (b.pos_weight.ndim() != 1 || b.pos_weight.shape(0) != p.shape.classes) {
-      throw py::value_error("`pos_weight` must have shape [C]");
-    }
-    p.pos_weight = static_cast<const float*>(b.pos_weight.data());
-  }
-  p.squared = squared;
-  const std::string error = fc::CheckLaunchProblem(p);
+// The shared NumPy binding, plus the CUDA launcher's own shape check.
+fused_segloss_py::BoundProblem Bind(const py::object& logits, const py::object& labels,
+                                    const py::object& weights, const py::object& pos_weight,
+                                    bool channels_last, bool squared) {
+  auto b = fused_segloss_py::BindProblem(logits, labels, weights, pos_weight, channels_last,
+                                         squared);
+  const std::string error = fc::CheckLaunchProblem(b.problem);
   if (!error.empty()) throw py::value_error(error);
   return b;
 }
@@ -195,7 +139,7 @@ void CheckAlignment() {
 py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& labels,
                                    const py::object& weights, const py::object& pos_weight,
                                    bool channels_last, bool squared, bool vector_loads) {
-  BoundArrays b = Bind(logits, labels, weights, pos_weight, channels_last, squared);
+  auto b = Bind(logits, labels, weights, pos_weight, channels_last, squared);
   const SeglossProblem& p = b.problem;
   py::array_t<float> out({p.shape.batch, p.shape.classes, int64_t{8}});
   float* stats = out.mutable_data();
@@ -220,7 +164,7 @@ py::array SimulateGradPy(const py::object& logits, const py::object& labels,
                          const py::object& weights, const py::object& pos_weight,
                          const py::object& grad_stats_obj, bool channels_last, bool squared,
                          bool vector_loads) {
-  BoundArrays b = Bind(logits, labels, weights, pos_weight, channels_last, squared);
+  auto b = Bind(logits, labels, weights, pos_weight, channels_last, squared);
   const SeglossProblem& p = b.problem;
   py::array_t<float, py::array::c_style | py::array::forcecast> grad_stats(grad_stats_obj);
   if (grad_stats.ndim() != 3 || grad_stats.shape(0) != p.shape.batch ||
@@ -253,7 +197,8 @@ py::dict LaunchPlanPy(int64_t batch, int64_t positions, int64_t classes, bool ch
                       const std::string& logits_dtype) {
   const fused_segloss::ProblemShape shape{batch, positions, classes, channels_last};
   const fc::LaunchPlan plan =
-      fc::MakeLaunchPlan(shape, fc::MaxThreadsFor(DTypeFromName(logits_dtype, "logits_dtype")));
+      fc::MakeLaunchPlan(shape, fc::MaxThreadsFor(fused_segloss_py::DTypeOfArray(
+          py::array(py::module_::import("numpy").attr("empty")(0, logits_dtype)), "logits")));
   py::dict d;
   d["mode"] = plan.mode == fc::kSpanMode ? "span" : "column";
   d["threads"] = plan.threads;
