@@ -53,7 +53,7 @@ def problems(draw):
 
     # With smooth = 0 a class with no positive label has Dice 0/0-like when its predictions
     # vanish, and whether P is exactly 0 depends on where each path's sigmoid underflows
-    # (docs/errors.md): there, keep the logits where p is a normal float32.
+    # (README.md, "Errors and numerics"): there, keep the logits where p is a normal float32.
     gentle = options["smooth"] == 0.0
     scale = draw(st.sampled_from([0.1, 3.0] if gentle else [0.1, 3.0, 30.0]))
     x = rng.normal(0.0, scale, shape)

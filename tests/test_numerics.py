@@ -3,7 +3,7 @@ logits propagate like TensorFlow's own sigmoid cross-entropy unless check_numeri
 
 Every test runs on the three code paths: the fused TF op, the pure-TF reference and the
 XLA path (tf.function(jit_compile=True)). Values are compared with the float64 NumPy
-oracle (tests/numpy_reference.py) or with TF's own ops; docs/errors.md states the contract.
+oracle (tests/numpy_reference.py) or with TF's own ops; README.md, "Errors and numerics" states the contract.
 """
 import itertools
 
@@ -139,7 +139,7 @@ INF_GRID = list(itertools.product([np.inf, -np.inf], [0.0, 0.5, 1.0]))
 @pytest.mark.parametrize("path", PATHS)
 def test_infinite_logits_are_non_finite_exactly_where_tf_is(path):
     """±inf logits are outside the math's domain: the CE term is NaN or +inf exactly where
-    tf.nn.sigmoid_cross_entropy_with_logits is non-finite (docs/errors.md lists which of the
+    tf.nn.sigmoid_cross_entropy_with_logits is non-finite (README.md, "Errors and numerics" lists which of the
     two); every other statistic, and the gradient, stay finite, as TF's autodiff does."""
     grid = INF_GRID + [(3.0, 1.0), (-2.0, 0.0)]
     x, z = single_element_images(*zip(*grid))
@@ -266,7 +266,7 @@ def test_empty_classes_in_every_mode(path, empty_classes, data_format):
 def test_empty_class_with_vanishing_predictions_and_smooth_zero_is_finite(path):
     """Z = 0 and p ~ 0 with smooth = 0: Dice is 0/0-like. Whether P is exactly 0 (D := 1)
     or a denormal-sized positive number (D = 0) depends on where each path's sigmoid
-    underflows, so only finiteness is guaranteed here (docs/errors.md)."""
+    underflows, so only finiteness is guaranteed here (README.md, "Errors and numerics")."""
     x = np.full((2, 5, 2), -1e4, np.float32)
     x[..., 1] = np.random.default_rng(10).normal(0.0, 2.0, (2, 5))
     z = np.zeros((2, 5, 2), np.float32)

@@ -5,7 +5,7 @@
     model.compile(optimizer="adam", loss=loss,
                   weighted_metrics=[fsl.keras.SegMetrics(["road", "car", ...], loss=loss)])
 
-See docs/keras.md for sample_weight, reductions, mixed precision and tf.distribute.
+See the README's "Keras" section for sample_weight, reductions, mixed precision and tf.distribute.
 """
 from ._weights import sample_weight_to_weights
 from .loss import SegLoss
