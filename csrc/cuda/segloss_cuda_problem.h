@@ -14,23 +14,9 @@ namespace cuda {
 
 // "" when the problem can be launched, else what is wrong (names the argument).
 inline std::string CheckLaunchProblem(const SeglossProblem& p) {
+  const std::string error = ValidateProblem(p);  // the CPU kernel's shape rules
+  if (!error.empty()) return error;
   const ProblemShape& s = p.shape;
-  if (s.batch < 0 || s.positions < 0 || s.classes < 0) return "negative dimension in `logits`";
-  if (s.classes == 0) return "`logits` must have at least one class (C >= 1), got C = 0";
-  if (s.batch * s.positions * s.classes > 0 && (p.logits == nullptr || p.labels == nullptr)) {
-    return "`logits` and `labels` must not be null";
-  }
-  if (p.weights != nullptr) {
-    const int64_t full[3] = {s.batch, s.positions, s.classes};
-    const int64_t got[3] = {p.weights_batch, p.weights_positions, p.weights_classes};
-    const char* names[3] = {"batch", "spatial", "class"};
-    for (int i = 0; i < 3; ++i) {
-      if (got[i] != 1 && got[i] != full[i]) {
-        return std::string("`weights` ") + names[i] + " size " + std::to_string(got[i]) +
-               " does not broadcast to the logits' " + std::to_string(full[i]);
-      }
-    }
-  }
   const bool supported = DispatchDTypes<bool>(p.logits_dtype, p.labels_dtype, false,
                                               [](auto, auto) { return true; });
   if (!supported) {

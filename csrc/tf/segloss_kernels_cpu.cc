@@ -21,20 +21,6 @@ fused_segloss::ParallelFor TfParallelFor(OpKernelContext* ctx) {
   };
 }
 
-class SeglossKernelBase : public OpKernel {
- public:
-  explicit SeglossKernelBase(OpKernelConstruction* c) : OpKernel(c) {
-    std::string data_format;
-    OP_REQUIRES_OK(c, c->GetAttr("data_format", &data_format));
-    OP_REQUIRES_OK(c, c->GetAttr("squared", &squared_));
-    channels_last_ = data_format == "channels_last";
-  }
-
- protected:
-  bool channels_last_ = true;
-  bool squared_ = false;
-};
-
 class StatsCpuOp : public SeglossKernelBase {
  public:
   using SeglossKernelBase::SeglossKernelBase;

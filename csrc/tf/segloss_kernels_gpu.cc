@@ -43,23 +43,9 @@ absl::Status StatusOf(int code, const char* op) {
   return tensorflow::errors::InvalidArgument(op, ": ", message);
 }
 
-class SeglossGpuKernelBase : public OpKernel {
+class StatsGpuOp : public SeglossKernelBase {
  public:
-  explicit SeglossGpuKernelBase(OpKernelConstruction* c) : OpKernel(c) {
-    std::string data_format;
-    OP_REQUIRES_OK(c, c->GetAttr("data_format", &data_format));
-    OP_REQUIRES_OK(c, c->GetAttr("squared", &squared_));
-    channels_last_ = data_format == "channels_last";
-  }
-
- protected:
-  bool channels_last_ = true;
-  bool squared_ = false;
-};
-
-class StatsGpuOp : public SeglossGpuKernelBase {
- public:
-  using SeglossGpuKernelBase::SeglossGpuKernelBase;
+  using SeglossKernelBase::SeglossKernelBase;
   void Compute(OpKernelContext* ctx) override {
     constexpr const char* kOp = "FusedSeglossStats";
     fused_segloss::SeglossProblem problem;
@@ -81,9 +67,9 @@ class StatsGpuOp : public SeglossGpuKernelBase {
   }
 };
 
-class StatsGradGpuOp : public SeglossGpuKernelBase {
+class StatsGradGpuOp : public SeglossKernelBase {
  public:
-  using SeglossGpuKernelBase::SeglossGpuKernelBase;
+  using SeglossKernelBase::SeglossKernelBase;
   void Compute(OpKernelContext* ctx) override {
     constexpr const char* kOp = "FusedSeglossStatsGrad";
     fused_segloss::SeglossProblem problem;

@@ -59,4 +59,19 @@ inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool cha
   return absl::OkStatus();
 }
 
+// Reads the attributes shared by every FusedSegloss kernel (CPU and GPU).
+class SeglossKernelBase : public tensorflow::OpKernel {
+ public:
+  explicit SeglossKernelBase(tensorflow::OpKernelConstruction* c) : tensorflow::OpKernel(c) {
+    std::string data_format;
+    OP_REQUIRES_OK(c, c->GetAttr("data_format", &data_format));
+    OP_REQUIRES_OK(c, c->GetAttr("squared", &squared_));
+    channels_last_ = data_format == "channels_last";
+  }
+
+ protected:
+  bool channels_last_ = true;
+  bool squared_ = false;
+};
+
 }  // namespace fused_segloss_tf
