@@ -289,6 +289,37 @@ FSL_HD Compute Load(const T* base, int64_t index) {
   return static_cast<Compute>(ToCompute(base[index]));
 }
 
+// Loads one group of kSlots consecutive elements [group, group + kSlots) of the span
+// [g.begin, g.end) into the compute type: a vector load when the whole group is inside
+// and vector loads are allowed, else masked scalar loads (invalid slots read as 0).
+// Returns whether the whole group was valid (shared by the forward and gradient threads).
+template <typename LogitT, typename LabelT, typename Compute>
+FSL_HD bool LoadSlots(const LogitT* logits, const LabelT* labels, bool vector_loads,
+                      int64_t begin, int64_t end, int64_t group, Compute x[kSlots],
+                      Compute z[kSlots], bool valid[kSlots]) {
+  if (vector_loads && group >= begin && group + kSlots <= end) {
+    LogitT xs[kSlots];
+    LabelT zs[kSlots];
+    LoadGroup(logits, group, xs);
+    LoadGroup(labels, group, zs);
+FSL_UNROLL
+    for (int j = 0; j < kSlots; ++j) {
+      x[j] = static_cast<Compute>(ToCompute(xs[j]));
+      z[j] = static_cast<Compute>(ToCompute(zs[j]));
+      valid[j] = true;
+    }
+    return true;
+  }
+FSL_UNROLL
+  for (int j = 0; j < kSlots; ++j) {
+    const int64_t e = group + j;
+    valid[j] = e >= begin && e < end;
+    x[j] = valid[j] ? Load<Compute>(logits, e) : Compute(0);
+    z[j] = valid[j] ? Load<Compute>(labels, e) : Compute(0);
+  }
+  return false;
+}
+
 // ---------------------------------------------------------------------------------
 // Forward, span mode: one thread's accumulators, acc[slot][column].
 template <typename LogitT, typename LabelT, bool kSquared,
@@ -313,26 +344,7 @@ FSL_UNROLL
     const int64_t group = first + trip * plan.lanes;  // a multiple of 4
     Compute x[kSlots], z[kSlots], w[kSlots];
     bool valid[kSlots];
-    if (p.vector_loads && group >= g.begin && group + kSlots <= g.end) {
-      LogitT xs[kSlots];
-      LabelT zs[kSlots];
-      LoadGroup(logits, group, xs);
-      LoadGroup(labels, group, zs);
-FSL_UNROLL
-      for (int j = 0; j < kSlots; ++j) {
-        x[j] = static_cast<Compute>(ToCompute(xs[j]));
-        z[j] = static_cast<Compute>(ToCompute(zs[j]));
-        valid[j] = true;
-      }
-    } else {
-FSL_UNROLL
-      for (int j = 0; j < kSlots; ++j) {
-        const int64_t e = group + j;
-        valid[j] = e >= g.begin && e < g.end;
-        x[j] = valid[j] ? Load<Compute>(logits, e) : Compute(0);
-        z[j] = valid[j] ? Load<Compute>(labels, e) : Compute(0);
-      }
-    }
+    LoadSlots(logits, labels, p.vector_loads, g.begin, g.end, group, x, z, valid);
 FSL_UNROLL
     for (int j = 0; j < kSlots; ++j) {
       if (!valid[j]) continue;
@@ -521,29 +533,10 @@ FSL_UNROLL
   }
   for (int64_t trip = 0; trip < g.trips; ++trip) {
     const int64_t group = first + trip * plan.lanes;
-    const bool whole = p.vector_loads && group >= g.begin && group + kSlots <= g.end;
     Compute x[kSlots], z[kSlots];
     bool valid[kSlots];
-    if (whole) {
-      LogitT xs[kSlots];
-      LabelT zs[kSlots];
-      LoadGroup(logits, group, xs);
-      LoadGroup(labels, group, zs);
-      FSL_UNROLL
-      for (int j = 0; j < kSlots; ++j) {
-        x[j] = static_cast<Compute>(ToCompute(xs[j]));
-        z[j] = static_cast<Compute>(ToCompute(zs[j]));
-        valid[j] = true;
-      }
-    } else {
-      FSL_UNROLL
-      for (int j = 0; j < kSlots; ++j) {
-        const int64_t e = group + j;
-        valid[j] = e >= g.begin && e < g.end;
-        x[j] = valid[j] ? Load<Compute>(logits, e) : Compute(0);
-        z[j] = valid[j] ? Load<Compute>(labels, e) : Compute(0);
-      }
-    }
+    const bool whole =
+        LoadSlots(logits, labels, p.vector_loads, g.begin, g.end, group, x, z, valid);
     LogitT result[kSlots];
     FSL_UNROLL
     for (int j = 0; j < kSlots; ++j) {
