@@ -45,16 +45,21 @@ def make_inputs(shape, data_format, dtype, seed):
     return x, z, w, pw
 
 
-def stats_and_grad(x, z, w, pw, data_format, jit=False):
+def _stats_and_grad_tensors(x, z, w, pw, data_format):
     """[B, C, 8] stats and d(sum(stats * upstream))/dlogits with a fixed upstream."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        stats = fsl.segloss_stats(x, z, w, pw, data_format=data_format)
+        upstream = tf.reshape(tf.range(tf.size(stats), dtype=tf.float32) % 7.0 - 3.0,
+                              tf.shape(stats))
+        value = tf.reduce_sum(stats * upstream)
+    return stats, tape.gradient(value, x)
+
+
+def stats_and_grad(x, z, w, pw, data_format, jit=False):
+    """_stats_and_grad_tensors on NumPy inputs, eagerly or under XLA."""
     def compute(x, z, w, pw):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            stats = fsl.segloss_stats(x, z, w, pw, data_format=data_format)
-            upstream = tf.reshape(tf.range(tf.size(stats), dtype=tf.float32) % 7.0 - 3.0,
-                                  tf.shape(stats))
-            value = tf.reduce_sum(stats * upstream)
-        return stats, tape.gradient(value, x)
+        return _stats_and_grad_tensors(x, z, w, pw, data_format)
 
     if jit:
         compute = tf.function(compute, jit_compile=True)
@@ -202,13 +207,7 @@ def _graph(problem, jit=False):
                  tf.TensorSpec([None] * x.ndim, tf.float32), tf.TensorSpec([None], tf.float32)]
 
         def fn(x, z, w, pw):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                stats = fsl.segloss_stats(x, z, w, pw, data_format=data_format)
-                upstream = tf.reshape(tf.range(tf.size(stats), dtype=tf.float32) % 7.0 - 3.0,
-                                      tf.shape(stats))
-                value = tf.reduce_sum(stats * upstream)
-            return stats, tape.gradient(value, x)
+            return _stats_and_grad_tensors(x, z, w, pw, data_format)
 
         _SIGNATURE_CACHE[key] = tf.function(fn, input_signature=specs, jit_compile=jit)
     stats, grad = _SIGNATURE_CACHE[key](x, z, w, pw)
