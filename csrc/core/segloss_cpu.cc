@@ -1,14 +1,17 @@
 // CPU kernels: one pass over the data per direction.
 //
-// Structure of the forward pass. The elements are cut into fixed work items (a run
-// of positions of one image, or of one (image, class) row for channels_first). An
-// item is processed in blocks: the block's logits, labels and broadcast weights are
-// converted to the compute type in small L1-resident buffers, then one loop evaluates
-// ForwardTerms for every element and adds its 8 terms into 8 accumulator arrays of
-// `period` lanes, lane j holding class j % C. That inner loop has contiguous loads,
-// no branches and no gathers, so it vectorises (exp and log1p are polynomials).
-// Each item's lanes are folded into per-class float64 partials; the partials are
-// summed in item order, so the result does not depend on the thread count.
+// Structure of both passes. The elements are cut into fixed work items (a run of
+// positions of one image, or of one (image, class) row for channels_first), and an item
+// into blocks of whole "rows". A row is `period` consecutive elements whose classes repeat
+// from row to row (channels_last: a multiple of C; channels_first: one class), so lane j
+// of a row always belongs to the same class. Rows are processed as SIMD vectors of
+// VecF lanes (simd.h; the last vector of a row is partial when the period is
+// not a multiple of the width). The forward pass walks a block column by column: for each
+// vector position in the row, all rows of the block are summed into 8 register
+// accumulators (one per statistic), which are then folded into per-lane float64 sums. The
+// item's lanes are reduced to classes at its end; item partials are summed in item order,
+// so the result does not depend on the thread count. The gradient walks rows in order and
+// writes each vector once (in place is fine: each vector is loaded before it is stored).
 #include "segloss_cpu.h"
 
 #include <algorithm>
@@ -18,12 +21,18 @@
 #include <vector>
 
 #include "dtypes.h"
+#include "segloss_cpu_lanes.h"
 
 namespace fused_segloss {
 namespace {
 
 constexpr int64_t kItemElements = 32768;  // elements per work item (fixed: determinism)
-constexpr int64_t kBlockElements = 2048;  // elements per L1 block (rounded to the period)
+// Rows per block: about kBlockElements elements (an L1-sized block of logits and labels),
+// and at most kMaxBlockRows, so a float32 lane never sums more than that many terms
+// before it is folded into float64 (accuracy on long runs of one value).
+constexpr int64_t kBlockElements = 2048;
+constexpr int64_t kMaxBlockRows = 128;
+constexpr int64_t kMinBlockRows = 8;
 
 // What one work item covers.
 struct Item {
@@ -46,43 +55,43 @@ Item ItemAt(const ProblemShape& shape, const StatsWorkPlan& plan, int64_t index)
   return item;
 }
 
-// Per-item view: element e of the item is flat element `base + e`, at position
-// `begin + e / C` and class `e % C` (channels_last) or position `begin + e` and class
-// `item.klass` (channels_first).
-struct ItemGeometry {
-  int64_t base;
-  int64_t count;
-  int64_t period;
+// The lane geometry shared by every item of a problem.
+struct RowGeometry {
+  int64_t period;       // elements per row
+  int64_t vectors;      // vectors per row (the last may be partial)
+  int64_t padded;       // vectors * width: lanes of the per-lane arrays
+  int64_t block_rows;   // rows per block
 };
 
-ItemGeometry GeometryOf(const ProblemShape& shape, const Item& item, int64_t period) {
-  ItemGeometry g;
+// Hardware vectors per compute vector (see simd.h): the forward keeps 8 accumulators per
+// part in registers, the gradient has none and interleaves two parts.
+constexpr int kForwardParts = 1;
+constexpr int kGradientParts = 2;
+
+template <typename Compute, int kParts>
+RowGeometry MakeRowGeometry(const ProblemShape& s) {
+  const int64_t width = Lanes<Compute, kParts>::kWidth;
+  RowGeometry g;
+  g.period = AccumulatorPeriod(s);
+  g.vectors = (g.period + width - 1) / width;
+  g.padded = g.vectors * width;
+  g.block_rows = std::clamp(kBlockElements / g.period, kMinBlockRows, kMaxBlockRows);
+  return g;
+}
+
+// Flat index of the item's first element and its element count.
+struct ItemSpan {
+  int64_t base, count;
+};
+
+ItemSpan SpanOf(const ProblemShape& shape, const Item& item) {
   const int64_t width = shape.channels_last ? shape.classes : 1;
   const int64_t klass = shape.channels_last ? 0 : item.klass;
-  g.base = ElementIndex(shape, item.batch, item.begin, klass);
-  g.count = (item.end - item.begin) * width;
-  g.period = period;
-  return g;
+  return {ElementIndex(shape, item.batch, item.begin, klass), (item.end - item.begin) * width};
 }
 
 int64_t ClassOfLane(const ProblemShape& shape, const Item& item, int64_t lane) {
   return shape.channels_last ? lane % shape.classes : item.klass;
-}
-
-int64_t BlockLength(int64_t period) {
-  return std::max<int64_t>(1, kBlockElements / period) * period;
-}
-
-// Converts `count` storage values into the compute buffer (a no-op view for the
-// compute type itself).
-template <typename Compute, typename Storage>
-const Compute* AsCompute(const Storage* src, int64_t count, std::vector<Compute>& buffer) {
-  if constexpr (std::is_same_v<Compute, Storage>) {
-    return src;
-  } else {
-    for (int64_t i = 0; i < count; ++i) buffer[i] = static_cast<Compute>(ToCompute(src[i]));
-    return buffer.data();
-  }
 }
 
 // Fills the block's weights (broadcast resolved) and counts invalid ones. Blocks start at
@@ -90,10 +99,6 @@ const Compute* AsCompute(const Storage* src, int64_t count, std::vector<Compute>
 template <typename Compute>
 int64_t FillWeights(const SeglossProblem& p, const WeightStrides& strides, const Item& item,
                     int64_t offset, int64_t count, Compute* __restrict__ out) {
-  if (p.weights == nullptr) {
-    std::fill(out, out + count, Compute(1));
-    return 0;
-  }
   const ProblemShape& s = p.shape;
   const float* __restrict__ weights = p.weights;
   if (s.channels_last) {
@@ -112,66 +117,167 @@ int64_t FillWeights(const SeglossProblem& p, const WeightStrides& strides, const
   return invalid;
 }
 
-// The 8 accumulator columns, each `period` lanes. They are separate restrict pointers
-// because gcc gives up vectorising when it must prove at run time that 8 slices of one
-// array never overlap.
-#define FSL_ACC_PARAMS(C)                                                              \
-  C *__restrict__ ce, C *__restrict__ weight, C *__restrict__ inter, C *__restrict__ pred, \
-      C *__restrict__ label_sum, C *__restrict__ hard_tp, C *__restrict__ hard_pred,     \
-      C *__restrict__ hard_label
-#define FSL_ACC_ARGS ce, weight, inter, pred, label_sum, hard_tp, hard_pred, hard_label
-
-// The forward pass over one block: lane j accumulates the elements j, j + period, ...
-// (A variant that summed 2 or 4 rows in registers before touching the accumulators
-// measured no faster: the loop is bound by the exp/log1p/division arithmetic.)
-template <typename Compute, bool kSquared>
-int64_t AccumulateBlock(const Compute* __restrict__ x, const Compute* __restrict__ z,
-                        const Compute* __restrict__ w, const Compute* __restrict__ pos_weight,
-                        int64_t count, int64_t period, FSL_ACC_PARAMS(Compute)) {
-  int64_t invalid_labels = 0;
-  for (int64_t row = 0; row < count; row += period) {
-    const int64_t lanes = std::min(period, count - row);
-    for (int64_t j = 0; j < lanes; ++j) {
-      Compute t[kNumStats];
-      const int64_t i = row + j;
-      ForwardTerms<Compute, kSquared>(x[i], z[i], w[i], pos_weight[j], t);
-      invalid_labels += LabelIsValid(z[i]) ? 0 : 1;
-      ce[j] += t[kCeSum];
-      weight[j] += t[kWeightSum];
-      inter[j] += t[kIntersection];
-      pred[j] += t[kPredSum];
-      label_sum[j] += t[kLabelSum];
-      hard_tp[j] += t[kHardTp];
-      hard_pred[j] += t[kHardPred];
-      hard_label[j] += t[kHardLabel];
-    }
-  }
-  return invalid_labels;
-}
-
-template <typename Compute, bool kSquared>
-void GradientBlock(const Compute* __restrict__ x, const Compute* __restrict__ z,
-                   const Compute* __restrict__ w, const Compute* __restrict__ pattern,
-                   int64_t count, int64_t period, Compute* __restrict__ out) {
-  // pattern is [4][period]: pos_weight, g_ce, g_inter, g_pred for each lane.
-  for (int64_t row = 0; row < count; row += period) {
-    const int64_t lanes = std::min(period, count - row);
-    for (int64_t j = 0; j < lanes; ++j) {
-      out[row + j] = LogitGradient<Compute, kSquared>(
-          x[row + j], z[row + j], w[row + j], pattern[j], pattern[period + j],
-          pattern[2 * period + j], pattern[3 * period + j]);
-    }
-  }
-}
-
-template <typename Compute>
-int64_t CountNonFinite(const Compute* __restrict__ x, int64_t count) {
+template <typename Storage>
+int64_t CountNonFinite(const Storage* x, int64_t count) {
   int64_t nonfinite = 0;
   for (int64_t i = 0; i < count; ++i) {
-    const Compute magnitude = x[i] < Compute(0) ? -x[i] : x[i];
-    nonfinite += magnitude <= std::numeric_limits<Compute>::max() ? 0 : 1;  // NaN too
+    const auto v = ToCompute(x[i]);
+    using C = decltype(v);
+    nonfinite += Abs(v) <= std::numeric_limits<C>::max() ? 0 : 1;  // NaN too
   }
   return nonfinite;
+}
+
+// The block's weights at element i (no pointer arithmetic on the null buffer when unweighted).
+template <bool kWeighted>
+const float* WeightsAt(const float* w, int64_t i) {
+  return kWeighted ? w + i : nullptr;
+}
+
+template <typename Vec>
+auto MaskOfFirst(int count) {
+  return FirstLanes(count, static_cast<Vec*>(nullptr));
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: the 8 terms of one vector of elements, plus a per-lane count of invalid labels.
+template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename LogitT,
+          typename LabelT>
+inline void ElementTerms(const LogitT* x, const LabelT* z, const float* w, Vec pos_weight,
+                         int lanes, Vec terms[kNumStats], Vec& invalid) {
+  const Vec zero(0.0f), one(1.0f);
+  Vec xv, zv, wv;
+  if constexpr (kPartial) {
+    xv = LoadPartial<Vec>(x, lanes);
+    zv = LoadPartial<Vec>(z, lanes);
+    wv = kWeighted ? LoadPartial<Vec>(w, lanes) : one;
+  } else {
+    xv = Load<Vec>(x);
+    zv = Load<Vec>(z);
+    wv = kWeighted ? Load<Vec>(w) : one;
+  }
+  ForwardTerms<Vec, kSquared>(xv, zv, wv, pos_weight, terms);
+  invalid = Select(LabelIsValid(zv), zero, one);
+  if constexpr (kPartial) {  // padding lanes hold x = z = 0, w = 1: mask them out
+    const auto live = MaskOfFirst<Vec>(lanes);
+    for (int k = 0; k < kNumStats; ++k) terms[k] = Select(live, terms[k], zero);
+    invalid = Select(live, invalid, zero);
+  }
+}
+
+// Sums the block's elements at lanes [lane0, lane0 + width) of every row into `lane_sums`
+// ([kNumStats][padded] float64) and returns the number of invalid labels seen.
+// Full rows go two at a time: the two independent exp/reciprocal/log1p chains give the
+// out-of-order core enough independent work to stay busy (measured 1.5x on AVX2).
+template <typename Compute, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
+int64_t AccumulateColumn(const LogitT* x, const LabelT* z, const float* w, int64_t count,
+                         const RowGeometry& g, int64_t lane0, const Compute* pos_weight_lanes,
+                         double* lane_sums) {
+  using Vec = typename Lanes<Compute, kForwardParts>::Vec;
+  constexpr int kWidth = Lanes<Compute, kForwardParts>::kWidth;
+  Vec sums[kNumStats], invalid_sum(0.0f);
+  for (int k = 0; k < kNumStats; ++k) sums[k] = Vec(0.0f);
+  auto add = [&](const Vec terms[kNumStats], Vec invalid) {
+    for (int k = 0; k < kNumStats; ++k) {
+      if (k == kWeightSum && !kWeighted) continue;  // the element count, added per item
+      sums[k] += terms[k];
+    }
+    invalid_sum += invalid;
+  };
+  const Vec pos_weight = Load<Vec>(pos_weight_lanes + lane0);
+  const int64_t full_rows = count / g.period, rest = count % g.period;
+  const int row_lanes = static_cast<int>(std::min<int64_t>(kWidth, g.period - lane0));
+  int64_t r = 0;
+  if (row_lanes == kWidth) {
+    for (; r + 2 <= full_rows; r += 2) {
+      const int64_t i = r * g.period + lane0, k = i + g.period;
+      Vec a[kNumStats], b[kNumStats], a_invalid, b_invalid;
+      ElementTerms<Vec, kSquared, kWeighted, false>(x + i, z + i, WeightsAt<kWeighted>(w, i),
+                                                    pos_weight, kWidth, a, a_invalid);
+      ElementTerms<Vec, kSquared, kWeighted, false>(x + k, z + k, WeightsAt<kWeighted>(w, k),
+                                                    pos_weight, kWidth, b, b_invalid);
+      for (int s = 0; s < kNumStats; ++s) a[s] += b[s];
+      add(a, a_invalid + b_invalid);
+    }
+  }
+  for (; r < full_rows; ++r) {
+    const int64_t i = r * g.period + lane0;
+    Vec t[kNumStats], invalid;
+    if (row_lanes == kWidth) {
+      ElementTerms<Vec, kSquared, kWeighted, false>(x + i, z + i, WeightsAt<kWeighted>(w, i),
+                                                    pos_weight, kWidth, t, invalid);
+    } else {
+      ElementTerms<Vec, kSquared, kWeighted, true>(x + i, z + i, WeightsAt<kWeighted>(w, i),
+                                                   pos_weight, row_lanes, t, invalid);
+    }
+    add(t, invalid);
+  }
+  if (rest > lane0) {  // the block's last, shorter row
+    const int64_t i = full_rows * g.period + lane0;
+    const int lanes = static_cast<int>(std::min<int64_t>(row_lanes, rest - lane0));
+    Vec t[kNumStats], invalid;
+    ElementTerms<Vec, kSquared, kWeighted, true>(x + i, z + i, WeightsAt<kWeighted>(w, i),
+                                                 pos_weight, lanes, t, invalid);
+    add(t, invalid);
+  }
+  for (int k = 0; k < kNumStats; ++k) FoldInto(sums[k], lane_sums + k * g.padded + lane0);
+  double invalid[kWidth] = {};
+  FoldInto(invalid_sum, invalid);
+  int64_t total = 0;
+  for (int i = 0; i < kWidth; ++i) total += static_cast<int64_t>(invalid[i]);
+  return total;
+}
+
+// Gradient of one vector of a row.
+template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename LogitT,
+          typename LabelT>
+inline void GradientElements(const LogitT* x, const LabelT* z, const float* w,
+                             const Vec pattern[4], int lanes, LogitT* out) {
+  Vec xv, zv, wv;
+  const Vec one(1.0f);
+  if constexpr (kPartial) {
+    xv = LoadPartial<Vec>(x, lanes);
+    zv = LoadPartial<Vec>(z, lanes);
+    wv = kWeighted ? LoadPartial<Vec>(w, lanes) : one;
+  } else {
+    xv = Load<Vec>(x);
+    zv = Load<Vec>(z);
+    wv = kWeighted ? Load<Vec>(w) : one;
+  }
+  const Vec g = LogitGradient<Vec, kSquared>(xv, zv, wv, pattern[0], pattern[1], pattern[2],
+                                             pattern[3]);
+  if constexpr (kPartial) {
+    StorePartial(g, out, lanes);
+  } else {
+    StoreVec(g, out);
+  }
+}
+
+template <typename Compute, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
+void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t count,
+                   const RowGeometry& g, const Compute* pattern_lanes, LogitT* out) {
+  using Vec = typename Lanes<Compute, kGradientParts>::Vec;
+  constexpr int kWidth = Lanes<Compute, kGradientParts>::kWidth;
+  for (int64_t row = 0; row < count; row += g.period) {
+    const int64_t row_count = std::min(g.period, count - row);
+    for (int64_t v = 0; v < g.vectors; ++v) {
+      const int64_t lane0 = v * kWidth;
+      if (lane0 >= row_count) break;
+      const Vec pattern[4] = {Load<Vec>(pattern_lanes + lane0),
+                              Load<Vec>(pattern_lanes + g.padded + lane0),
+                              Load<Vec>(pattern_lanes + 2 * g.padded + lane0),
+                              Load<Vec>(pattern_lanes + 3 * g.padded + lane0)};
+      const int64_t i = row + lane0;
+      if (lane0 + kWidth <= row_count) {
+        GradientElements<Vec, kSquared, kWeighted, false>(
+            x + i, z + i, WeightsAt<kWeighted>(w, i), pattern, kWidth, out + i);
+      } else {
+        GradientElements<Vec, kSquared, kWeighted, true>(
+            x + i, z + i, WeightsAt<kWeighted>(w, i), pattern,
+            static_cast<int>(row_count - lane0), out + i);
+      }
+    }
+  }
 }
 
 struct Counts {
@@ -186,12 +292,12 @@ std::string CountsError(const Counts& counts) {
   return InvalidValuesMessage(counts.invalid_labels, counts.invalid_weights);
 }
 
-template <typename LogitT, typename LabelT, bool kSquared>
+template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted>
 std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, float* stats) {
   using Compute = typename ComputeTypeOf<LogitT>::type;
   const ProblemShape& s = p.shape;
   const StatsWorkPlan plan = MakeStatsWorkPlan(s);
-  const int64_t period = AccumulatorPeriod(s);
+  const RowGeometry geo = MakeRowGeometry<Compute, kForwardParts>(s);
   const int64_t classes_per_item = s.channels_last ? s.classes : 1;
   const WeightStrides strides =
       MakeWeightStrides(s, p.weights_batch, p.weights_positions, p.weights_classes);
@@ -201,43 +307,50 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
   const auto* labels = static_cast<const LabelT*>(p.labels);
 
   auto run_items = [&](int64_t first, int64_t last) {
-    const int64_t block = BlockLength(period);
-    std::vector<Compute> x_buf(block), z_buf(block), w_buf(block);
-    std::vector<Compute> pos_weight(period), acc(kNumStats * period);
+    const int64_t block = geo.block_rows * geo.period;
+    std::vector<float> w_buf(kWeighted ? block : 0);
+    std::vector<Compute> pos_weight(geo.padded, Compute(0));
+    std::vector<double> lane_sums(kNumStats * geo.padded);
     for (int64_t index = first; index < last; ++index) {
       const Item item = ItemAt(s, plan, index);
-      const ItemGeometry g = GeometryOf(s, item, period);
-      for (int64_t j = 0; j < period; ++j) {
+      const ItemSpan span = SpanOf(s, item);
+      for (int64_t j = 0; j < geo.period; ++j) {
         const int64_t c = ClassOfLane(s, item, j);
         pos_weight[j] = p.pos_weight ? Compute(p.pos_weight[c]) : Compute(1);
       }
-      std::fill(acc.begin(), acc.end(), Compute(0));
+      std::fill(lane_sums.begin(), lane_sums.end(), 0.0);
       Counts& counts = item_counts[index];
-      double* partial = partials.data() + index * classes_per_item * kNumStats;
-      for (int64_t offset = 0; offset < g.count; offset += block) {
-        const int64_t n = std::min(block, g.count - offset);
-        const Compute* x = AsCompute(logits + g.base + offset, n, x_buf);
-        const Compute* z = AsCompute(labels + g.base + offset, n, z_buf);
-        counts.invalid_weights += FillWeights(p, strides, item, offset, n, w_buf.data());
-        if (p.check_numerics) counts.nonfinite_logits += CountNonFinite(x, n);
-        Compute* a = acc.data();
-        counts.invalid_labels += AccumulateBlock<Compute, kSquared>(
-            x, z, w_buf.data(), pos_weight.data(), n, period, a, a + period, a + 2 * period,
-            a + 3 * period, a + 4 * period, a + 5 * period, a + 6 * period, a + 7 * period);
-        // Fold the lanes into float64 after every block, so a float32 lane never sums
-        // more than kBlockElements / period terms (accuracy on long runs of one value).
-        for (int64_t j = 0; j < period; ++j) {
-          const int64_t local_class = s.channels_last ? j % s.classes : 0;
-          for (int k = 0; k < kNumStats; ++k) {
-            partial[local_class * kNumStats + k] += static_cast<double>(acc[k * period + j]);
-          }
+      for (int64_t offset = 0; offset < span.count; offset += block) {
+        const int64_t n = std::min(block, span.count - offset);
+        const LogitT* x = logits + span.base + offset;
+        const LabelT* z = labels + span.base + offset;
+        if constexpr (kWeighted) {
+          counts.invalid_weights += FillWeights(p, strides, item, offset, n, w_buf.data());
         }
-        std::fill(acc.begin(), acc.end(), Compute(0));
+        if (p.check_numerics) counts.nonfinite_logits += CountNonFinite(x, n);
+        for (int64_t v = 0; v < geo.vectors; ++v) {
+          counts.invalid_labels += AccumulateColumn<Compute, kSquared, kWeighted>(
+              x, z, w_buf.data(), n, geo, v * Lanes<Compute, kForwardParts>::kWidth,
+              pos_weight.data(), lane_sums.data());
+        }
+      }
+      // Lanes -> classes (lane j holds class j % C, or the item's class).
+      double* partial = partials.data() + index * classes_per_item * kNumStats;
+      for (int64_t j = 0; j < geo.period; ++j) {
+        const int64_t local_class = s.channels_last ? j % s.classes : 0;
+        for (int k = 0; k < kNumStats; ++k) {
+          partial[local_class * kNumStats + k] += lane_sums[k * geo.padded + j];
+        }
+      }
+      if constexpr (!kWeighted) {  // every element has weight 1
+        for (int64_t lc = 0; lc < classes_per_item; ++lc) {
+          partial[lc * kNumStats + kWeightSum] = static_cast<double>(item.end - item.begin);
+        }
       }
     }
   };
-  // Cost hint: ~10 ns per element.
-  parallel_for(plan.num_items, plan.positions_per_item * classes_per_item * 10, run_items);
+  // Cost hint: ~2 ns per element.
+  parallel_for(plan.num_items, plan.positions_per_item * classes_per_item * 2, run_items);
 
   Counts total;
   for (const Counts& c : item_counts) {
@@ -263,13 +376,13 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
   return "";
 }
 
-template <typename LogitT, typename LabelT, bool kSquared>
+template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted>
 std::string GradImpl(const SeglossProblem& p, const float* grad_stats,
                      const ParallelFor& parallel_for, void* grad_out) {
   using Compute = typename ComputeTypeOf<LogitT>::type;
   const ProblemShape& s = p.shape;
   const StatsWorkPlan plan = MakeStatsWorkPlan(s);
-  const int64_t period = AccumulatorPeriod(s);
+  const RowGeometry geo = MakeRowGeometry<Compute, kGradientParts>(s);
   const WeightStrides strides =
       MakeWeightStrides(s, p.weights_batch, p.weights_positions, p.weights_classes);
   const auto* logits = static_cast<const LogitT*>(p.logits);
@@ -277,38 +390,32 @@ std::string GradImpl(const SeglossProblem& p, const float* grad_stats,
   auto* out = static_cast<LogitT*>(grad_out);
 
   auto run_items = [&](int64_t first, int64_t last) {
-    const int64_t block = BlockLength(period);
-    std::vector<Compute> x_buf(block), z_buf(block), w_buf(block), g_buf(block);
-    std::vector<Compute> pattern(4 * period);
+    const int64_t block = geo.block_rows * geo.period;
+    std::vector<float> w_buf(kWeighted ? block : 0);
+    // [4][padded]: pos_weight, g_ce, g_inter, g_pred per lane (padding lanes 0).
+    std::vector<Compute> pattern(4 * geo.padded, Compute(0));
     for (int64_t index = first; index < last; ++index) {
       const Item item = ItemAt(s, plan, index);
-      const ItemGeometry g = GeometryOf(s, item, period);
-      for (int64_t j = 0; j < period; ++j) {
+      const ItemSpan span = SpanOf(s, item);
+      for (int64_t j = 0; j < geo.period; ++j) {
         const int64_t c = ClassOfLane(s, item, j);
         const float* upstream = grad_stats + (item.batch * s.classes + c) * kNumStats;
         pattern[j] = p.pos_weight ? Compute(p.pos_weight[c]) : Compute(1);
-        pattern[period + j] = upstream[kCeSum];
-        pattern[2 * period + j] = upstream[kIntersection];
-        pattern[3 * period + j] = upstream[kPredSum];
+        pattern[geo.padded + j] = upstream[kCeSum];
+        pattern[2 * geo.padded + j] = upstream[kIntersection];
+        pattern[3 * geo.padded + j] = upstream[kPredSum];
       }
-      for (int64_t offset = 0; offset < g.count; offset += block) {
-        const int64_t n = std::min(block, g.count - offset);
-        const Compute* x = AsCompute(logits + g.base + offset, n, x_buf);
-        const Compute* z = AsCompute(labels + g.base + offset, n, z_buf);
-        FillWeights(p, strides, item, offset, n, w_buf.data());
-        LogitT* dst = out + g.base + offset;
-        if constexpr (std::is_same_v<LogitT, Compute>) {
-          GradientBlock<Compute, kSquared>(x, z, w_buf.data(), pattern.data(), n, period, dst);
-        } else {
-          GradientBlock<Compute, kSquared>(x, z, w_buf.data(), pattern.data(), n, period,
-                                           g_buf.data());
-          for (int64_t e = 0; e < n; ++e) dst[e] = FromCompute<LogitT>::Convert(g_buf[e]);
-        }
+      for (int64_t offset = 0; offset < span.count; offset += block) {
+        const int64_t n = std::min(block, span.count - offset);
+        if constexpr (kWeighted) FillWeights(p, strides, item, offset, n, w_buf.data());
+        const int64_t at = span.base + offset;
+        GradientBlock<Compute, kSquared, kWeighted>(logits + at, labels + at, w_buf.data(), n,
+                                                    geo, pattern.data(), out + at);
       }
     }
   };
   const int64_t classes_per_item = s.channels_last ? s.classes : 1;
-  parallel_for(plan.num_items, plan.positions_per_item * classes_per_item * 6, run_items);
+  parallel_for(plan.num_items, plan.positions_per_item * classes_per_item * 2, run_items);
   return "";
 }
 
@@ -339,19 +446,31 @@ std::string Dispatch(const SeglossProblem& p, Args&&... args) {
          DTypeName(p.logits_dtype);
 }
 
+// Squared Dice and the presence of a weight map are compile-time variants (no weights:
+// no per-element weight loads or multiplies, and the weight sum is the element count).
 template <typename LogitT, typename LabelT>
 struct StatsFn {
   static std::string Run(const SeglossProblem& p, const ParallelFor& pf, float* stats) {
-    return p.squared ? StatsImpl<LogitT, LabelT, true>(p, pf, stats)
-                     : StatsImpl<LogitT, LabelT, false>(p, pf, stats);
+    const bool weighted = p.weights != nullptr;
+    if (p.squared) {
+      return weighted ? StatsImpl<LogitT, LabelT, true, true>(p, pf, stats)
+                      : StatsImpl<LogitT, LabelT, true, false>(p, pf, stats);
+    }
+    return weighted ? StatsImpl<LogitT, LabelT, false, true>(p, pf, stats)
+                    : StatsImpl<LogitT, LabelT, false, false>(p, pf, stats);
   }
 };
 template <typename LogitT, typename LabelT>
 struct GradFn {
   static std::string Run(const SeglossProblem& p, const float* g, const ParallelFor& pf,
                          void* out) {
-    return p.squared ? GradImpl<LogitT, LabelT, true>(p, g, pf, out)
-                     : GradImpl<LogitT, LabelT, false>(p, g, pf, out);
+    const bool weighted = p.weights != nullptr;
+    if (p.squared) {
+      return weighted ? GradImpl<LogitT, LabelT, true, true>(p, g, pf, out)
+                      : GradImpl<LogitT, LabelT, true, false>(p, g, pf, out);
+    }
+    return weighted ? GradImpl<LogitT, LabelT, false, true>(p, g, pf, out)
+                    : GradImpl<LogitT, LabelT, false, false>(p, g, pf, out);
   }
 };
 
@@ -396,10 +515,12 @@ StatsWorkPlan MakeStatsWorkPlan(const ProblemShape& shape) {
 }
 
 int64_t AccumulatorPeriod(const ProblemShape& shape) {
-  constexpr int64_t kMinLanes = 16;
-  if (!shape.channels_last) return kMinLanes;
-  if (shape.classes >= kMinLanes) return shape.classes;
-  return std::lcm(shape.classes, kMinLanes);
+  // Whole vectors per row where that stays small (every C up to 16 classes); else one
+  // position per row, its last vector partial. The widest compute vector sets the width.
+  constexpr int64_t kWidth = 2 * kHardwareLanes;
+  if (!shape.channels_last) return kWidth;
+  const int64_t lcm = std::lcm(std::max<int64_t>(shape.classes, 1), kWidth);
+  return lcm <= 16 * kWidth ? lcm : shape.classes;
 }
 
 std::string ValidateProblem(const SeglossProblem& p) {

@@ -70,8 +70,9 @@ struct StatsWorkPlan {
 };
 StatsWorkPlan MakeStatsWorkPlan(const ProblemShape& shape);
 
-// The lane period of the accumulators: a multiple of C (channels_last) so that lane j
-// always holds class j % C, and at least 16 lanes wide so the loop vectorises.
+// The lane period of the kernels ("row" length): lane j of every row holds the same class.
+// channels_last: lcm(C, SIMD width) when that is at most 16 vectors, else C (the row's
+// last vector partial); channels_first: the SIMD width.
 int64_t AccumulatorPeriod(const ProblemShape& shape);
 
 }  // namespace fused_segloss

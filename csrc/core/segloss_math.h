@@ -2,8 +2,10 @@
 //
 // Every kernel (CPU, CUDA, and the XLA FFI handlers, which call the CPU and CUDA
 // kernels) evaluates the loss terms through the functions in this header, so the
-// formula exists exactly once. Everything here is branch-free (selects only), so that
-// the CPU loops auto-vectorise and CUDA warps do not diverge.
+// formula exists exactly once. Everything here is branch-free and written against a
+// handful of primitives (Select, Abs, MulAdd, Reciprocal, FloatBits, BitsToFloat) so that
+// the same templates run on scalars (float on CUDA, double anywhere) and on the CPU's
+// SIMD vectors (VecF in simd.h supplies vector overloads, found by argument lookup).
 //
 // Notation: x = logit, z = label in [0, 1], w = element weight (>= 0),
 // pw = pos_weight of the element's class, k = 2 if squared else 1.
@@ -62,6 +64,8 @@ FSL_HD float BitsToFloat(int32_t i) {
 }
 
 // ---------------------------------------------------------------------------
+// Scalar primitives (VecF overloads live in simd.h).
+
 // a·b + c, fused where the hardware has FMA (one rounding, and one instruction instead of
 // two in the polynomials below), plain otherwise.
 FSL_HD float MulAdd(float a, float b, float c) {
@@ -71,46 +75,65 @@ FSL_HD float MulAdd(float a, float b, float c) {
   return a * b + c;
 #endif
 }
+FSL_HD double MulAdd(double a, double b, double c) { return a * b + c; }
 
-// exp(t) for t <= 0 in float, branch-free. Cody–Waite reduction t = n·ln2 + r with
-// |r| <= ln2/2, a degree-7 Taylor polynomial for e^r (truncation < 5e-9 relative;
-// measured max relative error of the whole function in float32: 1.7e-7),
-// and 2^n built in the exponent bits. t is clamped at -87 so 2^n stays a normal
-// float; exp(-87) = 1.6e-38 is indistinguishable from 0 in every use below.
+// c ? a : b, evaluated as a select (both sides are computed, no branch).
+template <typename T>
+FSL_HD T Select(bool c, T a, T b) { return c ? a : b; }
+
+template <typename T>
+FSL_HD T Abs(T x) { return x < T(0) ? -x : x; }
+
+// a > b ? a : b: when either is NaN the result is b (the x86 max instruction's rule, which
+// the vector overload uses), so Max(bound, t) keeps a NaN t.
+template <typename T>
+FSL_HD T Max(T a, T b) { return a > b ? a : b; }
+
+FSL_HD float Reciprocal(float d) { return 1.0f / d; }
+FSL_HD double Reciprocal(double d) { return 1.0 / d; }
+
+// exp(t) for t <= 0 in float32 arithmetic (float or a float vector), branch-free.
+// Cody–Waite reduction t = n·ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial for
+// e^r (truncation < 5e-9 relative; measured max relative error of the whole function in
+// float32: 1.7e-7), and 2^n built in the exponent bits. t is clamped at -87 so 2^n stays a
+// normal float; exp(-87) = 1.6e-38 is indistinguishable from 0 in every use below.
 // NaN passes through (the clamp compares false, the polynomial stays NaN).
-FSL_HD float ExpNonPositive(float t) {
-  t = t < -87.0f ? -87.0f : t;
+template <typename T>
+FSL_HD T ExpNonPositive(T t) {
+  t = Max(T(-87.0f), t);
   const float kMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer
-  const float shifted = MulAdd(t, 1.44269504088896341f, kMagic);
-  const float n = shifted - kMagic;
-  const int32_t n_int = FloatBits(shifted) - FloatBits(kMagic);
+  const T shifted = MulAdd(t, T(1.44269504088896341f), T(kMagic));
+  const T n = shifted - T(kMagic);
+  const auto n_int = FloatBits(shifted) - FloatBits(kMagic);
   // ln2 split so that n·kLn2Hi is exact for |n| < 2^10.
-  const float r = MulAdd(n, -1.428606765330187e-06f, MulAdd(n, -0.693145751953125f, t));
+  const T r = MulAdd(n, T(-1.428606765330187e-06f), MulAdd(n, T(-0.693145751953125f), t));
   // Estrin's scheme (shorter dependency chains than Horner; measured ~10% faster).
-  const float r2 = r * r, r4 = r2 * r2;
-  const float p01 = MulAdd(r, 1.0f, 1.0f), p23 = MulAdd(r, 1.0f / 6.0f, 0.5f);
-  const float p45 = MulAdd(r, 1.0f / 120.0f, 1.0f / 24.0f);
-  const float p67 = MulAdd(r, 1.0f / 5040.0f, 1.0f / 720.0f);
-  const float poly = MulAdd(r4, MulAdd(r2, p67, p45), MulAdd(r2, p23, p01));
+  const T r2 = r * r, r4 = r2 * r2;
+  const T p01 = r + T(1.0f), p23 = MulAdd(r, T(1.0f / 6.0f), T(0.5f));
+  const T p45 = MulAdd(r, T(1.0f / 120.0f), T(1.0f / 24.0f));
+  const T p67 = MulAdd(r, T(1.0f / 5040.0f), T(1.0f / 720.0f));
+  const T poly = MulAdd(r4, MulAdd(r2, p67, p45), MulAdd(r2, p23, p01));
   return poly * BitsToFloat((n_int + 127) << 23);
 }
 
-// log1p(e) for e in [0, 1], float, branch-free and division-free: e·P(e) where P is a
-// degree-8 polynomial fitted (Chebyshev nodes) to log1p(e)/e on [0, 1]. Measured max
-// relative error in float32 arithmetic: 2.2e-7 (under 2 ulp), exact as e -> 0.
-FSL_HD float Log1pUnit(float e) {
+// log1p(e) for e in [0, 1] in float32 arithmetic, branch-free and division-free: e·P(e)
+// where P is a degree-8 polynomial fitted (Chebyshev nodes) to log1p(e)/e on [0, 1].
+// Measured max relative error in float32 arithmetic: 2.2e-7 (under 2 ulp), exact as e -> 0.
+template <typename T>
+FSL_HD T Log1pUnit(T e) {
   // Coefficients c0..c8 of P, evaluated with Estrin's scheme.
-  const float e2 = e * e, e4 = e2 * e2;
-  const float q01 = MulAdd(e, -0.49999502301216125f, 1.0f);
-  const float q23 = MulAdd(e, -0.24844369292259216f, 0.33319270610809326f);
-  const float q45 = MulAdd(e, -0.13674770295619965f, 0.19111430644989014f);
-  const float q67 = MulAdd(e, -0.02958850748836994f, 0.07836166769266129f);
-  const float q8 = 0.005253457929939032f;
-  const float poly = MulAdd(e4, MulAdd(e4, q8, MulAdd(e2, q67, q45)), MulAdd(e2, q23, q01));
+  const T e2 = e * e, e4 = e2 * e2;
+  const T q01 = MulAdd(e, T(-0.49999502301216125f), T(1.0f));
+  const T q23 = MulAdd(e, T(-0.24844369292259216f), T(0.33319270610809326f));
+  const T q45 = MulAdd(e, T(-0.13674770295619965f), T(0.19111430644989014f));
+  const T q67 = MulAdd(e, T(-0.02958850748836994f), T(0.07836166769266129f));
+  const T q8(0.005253457929939032f);
+  const T poly = MulAdd(e4, MulAdd(e4, q8, MulAdd(e2, q67, q45)), MulAdd(e2, q23, q01));
   return e * poly;
 }
 
-// float64 inputs are computed in float64 with the library functions (accuracy over speed).
+// float64 inputs are computed in float64 with the library functions (accuracy over speed);
+// these non-template overloads win over the templates above for double.
 FSL_HD double ExpNonPositive(double t) { return exp(t); }
 FSL_HD double Log1pUnit(double e) { return log1p(e); }
 
@@ -127,13 +150,13 @@ struct SigmoidParts {
 template <typename T>
 FSL_HD SigmoidParts<T> ComputeSigmoidParts(T x) {
   SigmoidParts<T> s;
-  const T abs_x = x < T(0) ? -x : x;
-  s.e = ExpNonPositive(-abs_x);
-  const T inv = T(1) / (T(1) + s.e);
+  s.e = ExpNonPositive(-Abs(x));
+  const T inv = Reciprocal(T(1) + s.e);
   const T e_inv = s.e * inv;
   // x >= 0 is false for NaN, so NaN flows into p through e.
-  s.p = x >= T(0) ? inv : e_inv;
-  s.one_m_p = x >= T(0) ? e_inv : inv;
+  const auto non_negative = x >= T(0);
+  s.p = Select(non_negative, inv, e_inv);
+  s.one_m_p = Select(non_negative, e_inv, inv);
   s.p_1mp = e_inv * inv;
   return s;
 }
@@ -143,19 +166,24 @@ template <typename T, bool kSquared>
 FSL_HD void ForwardTerms(T x, T z, T w, T pos_weight, T out[kNumStats]) {
   const SigmoidParts<T> s = ComputeSigmoidParts(x);
   const T log_term = Log1pUnit(s.e);
-  const T softplus_pos = (x > T(0) ? x : T(0)) + log_term;   // softplus(x)
-  const T softplus_neg = (x < T(0) ? -x : T(0)) + log_term;  // softplus(-x)
+  const T zero(0);
+  // softplus(x) = max(x, 0) + l and softplus(-x) = max(-x, 0) + l, where max(-x, 0) is
+  // max(x, 0) - x exactly (one of the two terms is 0).
+  const T positive_part = Max(x, zero);
+  const T softplus_pos = positive_part + log_term;
+  const T softplus_neg = (positive_part - x) + log_term;
   const T ce = pos_weight * z * softplus_neg + (T(1) - z) * softplus_pos;
-  const T pred_hard = x > T(0) ? T(1) : T(0);
-  const T label_hard = z >= T(0.5) ? T(1) : T(0);
+  const auto pred_hard = x > zero;
+  const auto label_hard = z >= T(0.5f);
+  const T wz = w * z;
   out[kCeSum] = w * ce;
   out[kWeightSum] = w;
-  out[kIntersection] = w * s.p * z;
+  out[kIntersection] = wz * s.p;
   out[kPredSum] = kSquared ? w * s.p * s.p : w * s.p;
-  out[kLabelSum] = kSquared ? w * z * z : w * z;
-  out[kHardTp] = w * pred_hard * label_hard;
-  out[kHardPred] = w * pred_hard;
-  out[kHardLabel] = w * label_hard;
+  out[kLabelSum] = kSquared ? wz * z : wz;
+  out[kHardTp] = Select(pred_hard & label_hard, w, zero);
+  out[kHardPred] = Select(pred_hard, w, zero);
+  out[kHardLabel] = Select(label_hard, w, zero);
 }
 
 // dL/dx of one element given the upstream gradients of the differentiable columns
@@ -172,10 +200,15 @@ FSL_HD T LogitGradient(T x, T z, T w, T pos_weight, T g_ce, T g_inter, T g_pred)
 }
 
 // A label is valid when 0 <= z <= 1 (NaN is invalid); a weight when 0 <= w < inf.
+// (Written with & so that vector masks work too.)
+// 0 <= z <= 1 exactly when z - z^2 = z(1 - z) >= 0: for z in [0, 1] the exact value is
+// >= 0 and rounding keeps it so (z^2 <= z); outside it is negative by at least |z| or
+// 2^-23, so no rounding reaches 0; NaN and +-inf give NaN or -inf. One fused op and a
+// compare instead of two compares and an and.
 template <typename T>
-FSL_HD bool LabelIsValid(T z) { return (z >= T(0)) & (z <= T(1)); }
+FSL_HD auto LabelIsValid(T z) { return MulAdd(-z, z, z) >= T(0); }
 template <typename T>
-FSL_HD bool WeightIsValid(T w) { return (w >= T(0)) & (w <= T(3.0e38)); }
+FSL_HD auto WeightIsValid(T w) { return (w >= T(0)) & (w <= T(3.0e38f)); }
 
 // ---------------------------------------------------------------------------
 // Index math (int64 throughout). The logits are viewed as [B, N, C]

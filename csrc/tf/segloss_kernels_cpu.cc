@@ -3,6 +3,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/util/work_sharder.h"
+#include "memory_advice.h"
 #include "segloss_problem.h"
 
 namespace fused_segloss_tf {
@@ -49,8 +50,15 @@ class StatsGradCpuOp : public SeglossKernelBase {
         fused_segloss::CheckGradStatsShape(problem, grad_dims.dims, grad_dims.rank);
     OP_REQUIRES(ctx, shape_error.empty(),
                 tensorflow::errors::InvalidArgument("FusedSeglossStatsGrad: ", shape_error));
+    // The gradient may overwrite the logits when TF holds the only reference to them (a
+    // graph whose forward no longer needs them): each vector of logits is read before the
+    // same positions are written. Otherwise a new buffer, advised to use huge pages.
     Tensor* grad = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &grad));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, ctx->input(0).shape(),
+                                                              &grad));
+    if (grad->data() != ctx->input(0).data()) {
+      fused_segloss::AdviseHugePages(grad->data(), grad->TotalBytes());
+    }
     const std::string error = fused_segloss::ComputeLogitGradCpu(
         problem, grad_stats.flat<float>().data(), TfParallelFor(ctx), grad->data());
     OP_REQUIRES(ctx, error.empty(),

@@ -20,6 +20,7 @@
 
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
+#include "memory_advice.h"
 #include "segloss_operands.h"
 
 #if FSL_WITH_CUDA
@@ -157,6 +158,7 @@ ffi::Error StatsGradHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyB
     error = "the gradient must have the logits' dtype";
   }
   if (error.empty()) {
+    fused_segloss::AdviseHugePages(grad_logits->untyped_data(), grad_logits->size_bytes());
     error = fused_segloss::ComputeLogitGradCpu(problem, grad_stats.typed_data(),
                                                PoolParallelFor(&pool),
                                                grad_logits->untyped_data());

@@ -1,0 +1,160 @@
+// Lane access for the CPU kernels: loading storage dtypes into compute vectors (with the
+// conversion in registers), storing gradients back, partial vectors at row ends, and
+// folding float32 lane sums into float64. Host only.
+//
+// The compute "vector" is VecF<kParts> (simd.h) for every logits dtype except float64,
+// whose compute type is a plain double (one lane): the kernels are written once against
+// `Lanes<Compute, kParts>` and the per-element templates of segloss_math.h.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "dtypes.h"
+#include "segloss_math.h"
+#include "simd.h"
+
+namespace fused_segloss {
+
+// The vector of a compute type: VecF<kParts> for float32, a plain double (one lane) for
+// float64 (float64 inputs favour accuracy over speed).
+template <typename Compute, int kParts>
+struct Lanes;
+template <int kParts>
+struct Lanes<float, kParts> {
+  using Vec = VecF<kParts>;
+  static constexpr int kWidth = Vec::kLanes;
+};
+template <int kParts>
+struct Lanes<double, kParts> {
+  using Vec = double;
+  static constexpr int kWidth = 1;
+};
+
+// ---------------------------------------------------------------------------------------
+// Full loads: kWidth consecutive storage values converted to the compute vector. Each
+// hardware part is loaded by a LoadHw overload; types without one convert lane by lane.
+template <typename Storage>
+inline double LoadVec(const Storage* p, double*) {
+  return static_cast<double>(ToCompute(*p));
+}
+
+inline HwF LoadHw(const float* p) {
+  HwF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// bfloat16 is the top half of a float32: widen the 16-bit lanes and shift.
+inline HwF LoadHw(const BFloat16* p) {
+  typedef uint16_t U16 __attribute__((vector_size(kHardwareLanes * 2)));
+  U16 bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  return AsFloat(__builtin_convertvector(bits, HwI) << 16);
+}
+
+// uint8 and bool (one byte, 0 or 1 for valid labels): widen to int32, then to float.
+inline HwF LoadBytesHw(const void* p) {
+  typedef uint8_t U8 __attribute__((vector_size(kHardwareLanes)));
+  U8 bytes;
+  std::memcpy(&bytes, p, sizeof(bytes));
+  return __builtin_convertvector(__builtin_convertvector(bytes, HwI), HwF);
+}
+inline HwF LoadHw(const uint8_t* p) { return LoadBytesHw(p); }
+inline HwF LoadHw(const bool* p) { return LoadBytesHw(p); }
+
+// float16, float64 labels: lane by lane with ToCompute.
+template <typename Storage>
+inline HwF LoadHw(const Storage* p) {
+  alignas(64) float lanes[kHardwareLanes];
+  for (int i = 0; i < kHardwareLanes; ++i) lanes[i] = static_cast<float>(ToCompute(p[i]));
+  return LoadHw(static_cast<const float*>(lanes));
+}
+
+template <typename Storage, int kParts>
+inline VecF<kParts> LoadVec(const Storage* p, VecF<kParts>*) {
+  VecF<kParts> v;
+  for (int i = 0; i < kParts; ++i) v.part[i] = LoadHw(p + i * kHardwareLanes);
+  return v;
+}
+
+template <typename Vec, typename Storage>
+inline Vec Load(const Storage* p) {
+  return LoadVec(p, static_cast<Vec*>(nullptr));
+}
+
+// The first `count` lanes from p, the rest 0 (row ends; never reads past p + count).
+template <typename Vec, typename Storage>
+inline Vec LoadPartial(const Storage* p, int count) {
+  if constexpr (std::is_same_v<Vec, double>) {
+    return static_cast<double>(ToCompute(*p));  // one lane: never partial
+  } else {
+    alignas(64) float lanes[Vec::kLanes] = {};
+    for (int i = 0; i < count; ++i) lanes[i] = static_cast<float>(ToCompute(p[i]));
+    return Vec::Load(lanes);
+  }
+}
+
+// Lanes [0, count) set.
+template <int kParts>
+inline VecMask<kParts> FirstLanes(int count, VecF<kParts>*) {
+  HwI index;
+  for (int i = 0; i < kHardwareLanes; ++i) index[i] = i;
+  VecMask<kParts> m;
+  for (int i = 0; i < kParts; ++i) m.part[i] = index + i * kHardwareLanes < count;
+  return m;
+}
+inline bool FirstLanes(int count, double*) { return count > 0; }
+
+// ---------------------------------------------------------------------------------------
+// Stores of the gradient in the logits' dtype.
+template <typename Storage>
+inline void StoreVec(double v, Storage* p) { *p = FromCompute<Storage>::Convert(v); }
+
+inline void StoreHw(HwF v, float* p) { std::memcpy(p, &v, sizeof(v)); }
+
+// float -> bfloat16 round-to-nearest-even on all lanes (FromCompute<BFloat16>'s rule).
+inline void StoreHw(HwF v, BFloat16* p) {
+  typedef uint16_t U16 __attribute__((vector_size(kHardwareLanes * 2)));
+  const HwI bits = AsInt(v);
+  const HwI rounded = (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+  const HwI is_nan = (bits & 0x7fffffff) > 0x7f800000;
+  const HwI result = (is_nan & ((bits >> 16) | 0x40)) | (~is_nan & rounded);
+  const U16 narrow = __builtin_convertvector(result, U16);
+  std::memcpy(p, &narrow, sizeof(narrow));
+}
+
+template <typename Storage>
+inline void StoreHw(HwF v, Storage* p) {
+  alignas(64) float lanes[kHardwareLanes];
+  StoreHw(v, static_cast<float*>(lanes));
+  for (int i = 0; i < kHardwareLanes; ++i) p[i] = FromCompute<Storage>::Convert(lanes[i]);
+}
+
+template <typename Storage, int kParts>
+inline void StoreVec(VecF<kParts> v, Storage* p) {
+  for (int i = 0; i < kParts; ++i) StoreHw(v.part[i], p + i * kHardwareLanes);
+}
+
+// The first `count` lanes of v to p (row ends).
+template <typename Storage>
+inline void StorePartial(double v, Storage* p, int /*count*/) { StoreVec(v, p); }
+template <typename Storage, int kParts>
+inline void StorePartial(VecF<kParts> v, Storage* p, int count) {
+  alignas(64) float lanes[VecF<kParts>::kLanes];
+  v.Store(lanes);
+  for (int i = 0; i < count; ++i) p[i] = FromCompute<Storage>::Convert(lanes[i]);
+}
+
+// ---------------------------------------------------------------------------------------
+// dst[i] += lane i, in float64.
+inline void FoldInto(double v, double* dst) { dst[0] += v; }
+template <int kParts>
+inline void FoldInto(VecF<kParts> v, double* dst) {
+  alignas(64) float lanes[VecF<kParts>::kLanes];
+  v.Store(lanes);
+  for (int i = 0; i < VecF<kParts>::kLanes; ++i) dst[i] += static_cast<double>(lanes[i]);
+}
+
+}  // namespace fused_segloss

@@ -1,0 +1,131 @@
+"""The CPU kernels' lane geometry (csrc/core/segloss_cpu.cc, simd.h).
+
+The kernels process rows of `period` elements (a multiple of C, or C itself for large C,
+or one class's positions for channels_first) as SIMD vectors of 4, 8, 16 or 32 lanes
+depending on the machine, with a partial last vector when the period is not a multiple
+of the width, and a short last row at the end of every block and item. Class counts
+around every width and odd position counts hit each of these paths; every case is compared
+with the float64 NumPy oracle, and the integer count columns must match exactly (an
+element visited twice, or a padding lane counted, changes a count by at least 1).
+
+Also: the gradient op may write into the logits' buffer (TF forwards an input it holds
+the only reference to); the logits must still be intact wherever anyone else can see them.
+"""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fused_segloss as fsl
+import numpy_reference as ref
+
+core = pytest.importorskip("fused_segloss._core")
+
+CLASSES = [1, 2, 3, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 100, 129]
+POSITIONS = [1, 3, 37, 1000, 7001]  # 7001: several work items for small C, ragged ends
+COUNT_COLUMNS = [ref.WEIGHT_SUM, ref.HARD_TP, ref.HARD_PRED, ref.HARD_LABEL]
+
+
+def make_case(rng, positions, classes, channels_last, weights):
+    shape = (2, positions, classes) if channels_last else (2, classes, positions)
+    x = rng.normal(0.0, 3.0, shape).astype(np.float32)
+    z = (rng.random(shape) < 0.4).astype(np.float32)
+    soft = rng.random(shape) < 0.2
+    z[soft] = rng.random(int(soft.sum()))
+    w = None
+    if weights == "pixel":  # an integer weight map over positions, broadcast over classes
+        dims = (2, positions, 1) if channels_last else (2, 1, positions)
+        w = rng.integers(0, 3, dims).astype(np.float32)
+    elif weights == "full":
+        w = rng.integers(0, 3, shape).astype(np.float32)
+    pw = rng.uniform(0.5, 3.0, classes).astype(np.float32)
+    return x, z, w, pw
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["last", "first"])
+@pytest.mark.parametrize("classes", CLASSES)
+def test_every_lane_geometry_matches_numpy(classes, channels_last, check):
+    rng = np.random.default_rng(classes * 2 + channels_last)
+    fmt = "channels_last" if channels_last else "channels_first"
+    for positions in POSITIONS:
+        for weights in (None, "pixel", "full"):
+            squared = weights == "pixel"
+            x, z, w, pw = make_case(rng, positions, classes, channels_last, weights)
+            w_full = None if w is None else np.broadcast_to(w, x.shape)
+            what = f"N={positions} weights={weights}"
+
+            stats = core.stats(x, z, w, pw, channels_last=channels_last, squared=squared)
+            expected = ref.stats(x, z, w_full, pw, fmt, squared)
+            check.stats(stats, expected, "float32", what=f"stats {what}")
+            # Integer weights: the count columns are exact integers in any summation order.
+            np.testing.assert_array_equal(stats[..., COUNT_COLUMNS], expected[..., COUNT_COLUMNS],
+                                          err_msg=what)
+
+            grad_stats = rng.normal(0.0, 1.0, (2, classes, 8)).astype(np.float32)
+            grad = core.logit_grad(x, z, w, pw, grad_stats, channels_last=channels_last,
+                                   squared=squared)
+            check.grad(grad, ref.logit_grad(x, z, w_full, pw, grad_stats, fmt, squared),
+                       ref.logit_grad_scale(x, z, w_full, pw, grad_stats, fmt, squared),
+                       "float32", what=f"gradient {what}")
+
+
+@pytest.mark.parametrize("classes", [3, 17])
+def test_invalid_labels_counted_once_in_partial_vectors(classes):
+    """A bad label in a padded vector position is reported with the exact count."""
+    rng = np.random.default_rng(7)
+    x, z, _, _ = make_case(rng, 37, classes, True, None)
+    z[0, 36, classes - 1] = 1.5   # last element of the last (short) row
+    z[1, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"found 2 value\(s\)"):
+        core.stats(x, z, channels_last=True)
+
+
+def _intermediate_logits_step():
+    @tf.function
+    def step(features, labels):
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            logits = features * 2.0 - 1.0  # an intermediate: TF may reuse its buffer
+            loss = fsl.seg_loss(logits, labels, implementation="fused")
+        return tape.gradient(loss, features)
+    return step
+
+
+def _reference_grad(features, labels):
+    with tf.GradientTape() as tape:
+        tape.watch(features)
+        loss = fsl.seg_loss(features * 2.0 - 1.0, labels, implementation="reference")
+    return tape.gradient(loss, features)
+
+
+def test_gradient_correct_when_logits_buffer_can_be_reused():
+    rng = np.random.default_rng(3)
+    features = tf.constant(rng.normal(0.0, 2.0, (2, 64, 64, 3)).astype(np.float32))
+    labels = tf.constant((rng.random((2, 64, 64, 3)) < 0.3).astype(np.float32))
+    before = features.numpy().copy()
+    got = _intermediate_logits_step()(features, labels)
+    np.testing.assert_allclose(got.numpy(), _reference_grad(features, labels).numpy(),
+                               rtol=1e-4, atol=1e-9)
+    np.testing.assert_array_equal(features.numpy(), before)  # the inputs are untouched
+
+
+def test_logits_still_used_after_the_gradient_are_not_overwritten():
+    rng = np.random.default_rng(4)
+    logits = tf.constant(rng.normal(0.0, 2.0, (2, 32, 32, 4)).astype(np.float32))
+    labels = tf.constant((rng.random((2, 32, 32, 4)) < 0.3).astype(np.float32))
+
+    @tf.function
+    def step(x, z):
+        inner = x + 0.0  # a fresh buffer that TF could hand to the gradient op
+        with tf.GradientTape() as tape:
+            tape.watch(inner)
+            loss = fsl.seg_loss(inner, z, implementation="fused")
+        grad = tape.gradient(loss, inner)
+        return grad, tf.reduce_sum(inner * 1.0)  # inner is read after the gradient
+
+    grad, total = step(logits, labels)
+    np.testing.assert_allclose(float(total), float(tf.reduce_sum(logits)), rtol=1e-5)
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss = fsl.seg_loss(logits, labels, implementation="reference")
+    np.testing.assert_allclose(grad.numpy(), tape.gradient(loss, logits).numpy(), rtol=1e-4,
+                               atol=1e-9)
