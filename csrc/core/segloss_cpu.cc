@@ -139,6 +139,24 @@ auto MaskOfFirst(int count) {
   return FirstLanes(count, static_cast<Vec*>(nullptr));
 }
 
+// The logits, labels and weights of one vector (weights 1 when unweighted); the first
+// `lanes` lanes only, the rest 0, when kPartial.
+template <typename Vec>
+struct ElementInputs {
+  Vec x, z, w;
+};
+
+template <typename Vec, bool kWeighted, bool kPartial, typename LogitT, typename LabelT>
+inline ElementInputs<Vec> LoadInputs(const LogitT* x, const LabelT* z, const float* w,
+                                     int lanes) {
+  if constexpr (kPartial) {
+    return {LoadPartial<Vec>(x, lanes), LoadPartial<Vec>(z, lanes),
+            kWeighted ? LoadPartial<Vec>(w, lanes) : Vec(1.0f)};
+  } else {
+    return {Load<Vec>(x), Load<Vec>(z), kWeighted ? Load<Vec>(w) : Vec(1.0f)};
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward: the 8 terms of one vector of elements, plus a per-lane count of invalid labels.
 template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename LogitT,
@@ -146,18 +164,9 @@ template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename L
 inline void ElementTerms(const LogitT* x, const LabelT* z, const float* w, Vec pos_weight,
                          int lanes, Vec terms[kNumStats], Vec& invalid) {
   const Vec zero(0.0f), one(1.0f);
-  Vec xv, zv, wv;
-  if constexpr (kPartial) {
-    xv = LoadPartial<Vec>(x, lanes);
-    zv = LoadPartial<Vec>(z, lanes);
-    wv = kWeighted ? LoadPartial<Vec>(w, lanes) : one;
-  } else {
-    xv = Load<Vec>(x);
-    zv = Load<Vec>(z);
-    wv = kWeighted ? Load<Vec>(w) : one;
-  }
-  ForwardTerms<Vec, kSquared>(xv, zv, wv, pos_weight, terms);
-  invalid = Select(LabelIsValid(zv), zero, one);
+  const ElementInputs<Vec> in = LoadInputs<Vec, kWeighted, kPartial>(x, z, w, lanes);
+  ForwardTerms<Vec, kSquared>(in.x, in.z, in.w, pos_weight, terms);
+  invalid = Select(LabelIsValid(in.z), zero, one);
   if constexpr (kPartial) {  // padding lanes hold x = z = 0, w = 1: mask them out
     const auto live = MaskOfFirst<Vec>(lanes);
     for (int k = 0; k < kNumStats; ++k) terms[k] = Select(live, terms[k], zero);
@@ -233,19 +242,9 @@ template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename L
           typename LabelT>
 inline void GradientElements(const LogitT* x, const LabelT* z, const float* w,
                              const Vec pattern[4], int lanes, LogitT* out) {
-  Vec xv, zv, wv;
-  const Vec one(1.0f);
-  if constexpr (kPartial) {
-    xv = LoadPartial<Vec>(x, lanes);
-    zv = LoadPartial<Vec>(z, lanes);
-    wv = kWeighted ? LoadPartial<Vec>(w, lanes) : one;
-  } else {
-    xv = Load<Vec>(x);
-    zv = Load<Vec>(z);
-    wv = kWeighted ? Load<Vec>(w) : one;
-  }
-  const Vec g = LogitGradient<Vec, kSquared>(xv, zv, wv, pattern[0], pattern[1], pattern[2],
-                                             pattern[3]);
+  const ElementInputs<Vec> in = LoadInputs<Vec, kWeighted, kPartial>(x, z, w, lanes);
+  const Vec g = LogitGradient<Vec, kSquared>(in.x, in.z, in.w, pattern[0], pattern[1],
+                                             pattern[2], pattern[3]);
   if constexpr (kPartial) {
     StorePartial(g, out, lanes);
   } else {
