@@ -174,10 +174,20 @@ inline void ElementTerms(const LogitT* x, const LabelT* z, const float* w, Vec p
   }
 }
 
+// The terms of a partial vector (row ends only): kept out of line, so that each kernel
+// instantiation holds one inlined copy of the per-element math for full vectors and one
+// call for the rare partial ones (code size and build time, notably under sanitizers).
+template <typename Vec, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
+__attribute__((noinline)) void PartialElementTerms(const LogitT* x, const LabelT* z,
+                                                   const float* w, Vec pos_weight, int lanes,
+                                                   Vec terms[kNumStats], Vec& invalid) {
+  ElementTerms<Vec, kSquared, kWeighted, true>(x, z, w, pos_weight, lanes, terms, invalid);
+}
+
 // Sums the block's elements at lanes [lane0, lane0 + width) of every row into `lane_sums`
-// ([kNumStats][padded] float64) and returns the number of invalid labels seen.
-// Full rows go two at a time: the two independent exp/reciprocal/log1p chains give the
-// out-of-order core enough independent work to stay busy (measured 1.5x on AVX2).
+// ([kNumStats][padded] float64) and returns the number of invalid labels seen. (Two rows
+// per step, for more independent work in flight, measured slower: AVX2 runs out of
+// registers for two sets of 8 accumulators.)
 template <typename Compute, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
 int64_t AccumulateColumn(const LogitT* x, const LabelT* z, const float* w, int64_t count,
                          const RowGeometry& g, int64_t lane0, const Compute* pos_weight_lanes,
@@ -196,28 +206,15 @@ int64_t AccumulateColumn(const LogitT* x, const LabelT* z, const float* w, int64
   const Vec pos_weight = Load<Vec>(pos_weight_lanes + lane0);
   const int64_t full_rows = count / g.period, rest = count % g.period;
   const int row_lanes = static_cast<int>(std::min<int64_t>(kWidth, g.period - lane0));
-  int64_t r = 0;
-  if (row_lanes == kWidth) {
-    for (; r + 2 <= full_rows; r += 2) {
-      const int64_t i = r * g.period + lane0, k = i + g.period;
-      Vec a[kNumStats], b[kNumStats], a_invalid, b_invalid;
-      ElementTerms<Vec, kSquared, kWeighted, false>(x + i, z + i, WeightsAt<kWeighted>(w, i),
-                                                    pos_weight, kWidth, a, a_invalid);
-      ElementTerms<Vec, kSquared, kWeighted, false>(x + k, z + k, WeightsAt<kWeighted>(w, k),
-                                                    pos_weight, kWidth, b, b_invalid);
-      for (int s = 0; s < kNumStats; ++s) a[s] += b[s];
-      add(a, a_invalid + b_invalid);
-    }
-  }
-  for (; r < full_rows; ++r) {
+  for (int64_t r = 0; r < full_rows; ++r) {
     const int64_t i = r * g.period + lane0;
     Vec t[kNumStats], invalid;
     if (row_lanes == kWidth) {
       ElementTerms<Vec, kSquared, kWeighted, false>(x + i, z + i, WeightsAt<kWeighted>(w, i),
                                                     pos_weight, kWidth, t, invalid);
     } else {
-      ElementTerms<Vec, kSquared, kWeighted, true>(x + i, z + i, WeightsAt<kWeighted>(w, i),
-                                                   pos_weight, row_lanes, t, invalid);
+      PartialElementTerms<Vec, kSquared, kWeighted>(x + i, z + i, WeightsAt<kWeighted>(w, i),
+                                                    pos_weight, row_lanes, t, invalid);
     }
     add(t, invalid);
   }
@@ -225,8 +222,8 @@ int64_t AccumulateColumn(const LogitT* x, const LabelT* z, const float* w, int64
     const int64_t i = full_rows * g.period + lane0;
     const int lanes = static_cast<int>(std::min<int64_t>(row_lanes, rest - lane0));
     Vec t[kNumStats], invalid;
-    ElementTerms<Vec, kSquared, kWeighted, true>(x + i, z + i, WeightsAt<kWeighted>(w, i),
-                                                 pos_weight, lanes, t, invalid);
+    PartialElementTerms<Vec, kSquared, kWeighted>(x + i, z + i, WeightsAt<kWeighted>(w, i),
+                                                  pos_weight, lanes, t, invalid);
     add(t, invalid);
   }
   for (int k = 0; k < kNumStats; ++k) FoldInto(sums[k], lane_sums + k * g.padded + lane0);
@@ -252,6 +249,14 @@ inline void GradientElements(const LogitT* x, const LabelT* z, const float* w,
   }
 }
 
+// Row ends only; out of line for the reason given at PartialElementTerms.
+template <typename Vec, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
+__attribute__((noinline)) void PartialGradientElements(const LogitT* x, const LabelT* z,
+                                                       const float* w, const Vec pattern[4],
+                                                       int lanes, LogitT* out) {
+  GradientElements<Vec, kSquared, kWeighted, true>(x, z, w, pattern, lanes, out);
+}
+
 template <typename Compute, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
 void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t count,
                    const RowGeometry& g, const Compute* pattern_lanes, LogitT* out) {
@@ -271,7 +276,7 @@ void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t cou
         GradientElements<Vec, kSquared, kWeighted, false>(
             x + i, z + i, WeightsAt<kWeighted>(w, i), pattern, kWidth, out + i);
       } else {
-        GradientElements<Vec, kSquared, kWeighted, true>(
+        PartialGradientElements<Vec, kSquared, kWeighted>(
             x + i, z + i, WeightsAt<kWeighted>(w, i), pattern,
             static_cast<int>(row_count - lane0), out + i);
       }
