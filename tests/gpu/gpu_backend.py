@@ -14,7 +14,35 @@ def _raw_bytes(array):
     return np.ascontiguousarray(array).view(np.uint8).reshape(-1)
 
 
-class CupyBackend:
+class _CudaEventBackend:
+    """Timing and release shared by the CuPy and PyTorch backends. A subclass provides
+    self._stream, synchronize(), _event(), _seconds_between(start, end) and
+    _release_cached_memory()."""
+
+    def time(self, fn, reps):
+        """Median seconds of fn() over reps, by CUDA events on the stream (after 2 warm-ups)."""
+        for _ in range(2):
+            fn()
+        times = []
+        for _ in range(reps):
+            start, end = self._event(), self._event()
+            start.record(self._stream)
+            fn()
+            end.record(self._stream)
+            end.synchronize()
+            times.append(self._seconds_between(start, end))
+        return statistics.median(times)
+
+    def free(self, handle):
+        del handle
+
+    def free_all(self, case):
+        case.d_x = case.d_z = case.d_w = case.d_pw = None
+        self.synchronize()
+        self._release_cached_memory()
+
+
+class CupyBackend(_CudaEventBackend):
     name = "cupy"
 
     def __init__(self):
@@ -58,30 +86,17 @@ class CupyBackend:
                                          self.cp.cuda.runtime.memcpyDeviceToDevice,
                                          self._stream.ptr)
 
-    def time(self, fn, reps):
-        """Median seconds of fn() over reps, by CUDA events on the stream (after 2 warm-ups)."""
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(reps):
-            start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
-            start.record(self._stream)
-            fn()
-            end.record(self._stream)
-            end.synchronize()
-            times.append(self.cp.cuda.get_elapsed_time(start, end) / 1e3)
-        return statistics.median(times)
+    def _event(self):
+        return self.cp.cuda.Event()
 
-    def free(self, handle):
-        del handle
+    def _seconds_between(self, start, end):
+        return self.cp.cuda.get_elapsed_time(start, end) / 1e3
 
-    def free_all(self, case):
-        case.d_x = case.d_z = case.d_w = case.d_pw = None
-        self.synchronize()
+    def _release_cached_memory(self):
         self.cp.get_default_memory_pool().free_all_blocks()
 
 
-class TorchBackend:
+class TorchBackend(_CudaEventBackend):
     name = "torch"
 
     def __init__(self):
@@ -122,26 +137,13 @@ class TorchBackend:
     def copy(self, dst, src, nbytes):
         dst[:nbytes].copy_(src[:nbytes])
 
-    def time(self, fn, reps):
-        for _ in range(2):
-            fn()
-        times = []
-        for _ in range(reps):
-            start = self.torch.cuda.Event(enable_timing=True)
-            end = self.torch.cuda.Event(enable_timing=True)
-            start.record(self._stream)
-            fn()
-            end.record(self._stream)
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+    def _event(self):
+        return self.torch.cuda.Event(enable_timing=True)
 
-    def free(self, handle):
-        del handle
+    def _seconds_between(self, start, end):
+        return start.elapsed_time(end) / 1e3
 
-    def free_all(self, case):
-        case.d_x = case.d_z = case.d_w = case.d_pw = None
-        self.synchronize()
+    def _release_cached_memory(self):
         self.torch.cuda.empty_cache()
 
 
