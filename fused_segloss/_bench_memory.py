@@ -39,6 +39,11 @@ from . import _bench_paths as bp
 # heap blocks re-used by the measured step would hide part of its footprint at small sizes).
 SYSTEM_ALLOCATOR_ENV = "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"
 MMAP_THRESHOLD_ENV = "MALLOC_MMAP_THRESHOLD_"
+# The fused CPU gradient kernel keeps its idle output buffers for the next call
+# (csrc/tf/gradient_buffer_cache.h); that memory would sit in the baseline after the warm-up
+# and the measured step would read ~0 for the gradient. Reuse is off in the probe, so the
+# gradient's allocation is counted as every other path's is.
+REUSE_GRAD_BUFFERS_ENV = "FUSED_SEGLOSS_REUSE_GRAD_BUFFERS"
 METHOD_CLEAR_REFS = "VmHWM after clear_refs"
 METHOD_SAMPLED = "VmRSS sampled every 0.2 ms"
 
@@ -111,7 +116,8 @@ def probe(path, direction, shape: bp.CaseShape):
             "logits_bytes": bp.logits_bytes(shape), "peak_extra_bytes": extra,
             "x_logits": extra / bp.logits_bytes(shape), "method": method,
             "allocator": {name: os.environ.get(name, "unset")
-                          for name in (SYSTEM_ALLOCATOR_ENV, MMAP_THRESHOLD_ENV)}}
+                          for name in (SYSTEM_ALLOCATOR_ENV, MMAP_THRESHOLD_ENV,
+                                       REUSE_GRAD_BUFFERS_ENV)}}
 
 
 def measure(path, direction, shape: bp.CaseShape, timeout=600):
@@ -126,6 +132,7 @@ def measure(path, direction, shape: bp.CaseShape, timeout=600):
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault(SYSTEM_ALLOCATOR_ENV, "1")
     env.setdefault(MMAP_THRESHOLD_ENV, "65536")
+    env[REUSE_GRAD_BUFFERS_ENV] = "0"
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -3,6 +3,7 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/util/work_sharder.h"
+#include "gradient_buffer_cache.h"
 #include "memory_advice.h"
 #include "segloss_problem.h"
 
@@ -52,18 +53,29 @@ class StatsGradCpuOp : public SeglossKernelBase {
                 tensorflow::errors::InvalidArgument("FusedSeglossStatsGrad: ", shape_error));
     // The gradient may overwrite the logits when TF holds the only reference to them (a
     // graph whose forward no longer needs them): each vector of logits is read before the
-    // same positions are written. Otherwise a new buffer, advised to use huge pages.
+    // same positions are written. Else an idle buffer of an earlier call (see
+    // gradient_buffer_cache.h), else a new one, advised to use huge pages.
+    const Tensor& logits = ctx->input(0);
     Tensor* grad = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, ctx->input(0).shape(),
-                                                              &grad));
-    if (grad->data() != ctx->input(0).data()) {
-      fused_segloss::AdviseHugePages(grad->data(), grad->TotalBytes());
+    if (!ctx->forward_input_to_output_with_shape(0, 0, logits.shape(), &grad)) {
+      Tensor reused;
+      if (buffers_.TakeIdle(logits.dtype(), logits.shape(), &reused)) {
+        ctx->set_output(0, std::move(reused));
+        grad = ctx->mutable_output(0);
+      } else {
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, logits.shape(), &grad));
+        fused_segloss::AdviseHugePages(grad->data(), grad->TotalBytes());
+        buffers_.Remember(*grad);
+      }
     }
     const std::string error = fused_segloss::ComputeLogitGradCpu(
         problem, grad_stats.flat<float>().data(), TfParallelFor(ctx), grad->data());
     OP_REQUIRES(ctx, error.empty(),
                 tensorflow::errors::InvalidArgument("FusedSeglossStatsGrad: ", error));
   }
+
+ private:
+  GradientBufferCache buffers_;
 };
 
 REGISTER_KERNEL_BUILDER(Name("FusedSeglossStats").Device(tensorflow::DEVICE_CPU), StatsCpuOp);
