@@ -46,21 +46,34 @@ inline HwF LoadHw(const float* p) {
   return v;
 }
 
-// bfloat16 is the top half of a float32: widen the 16-bit lanes and shift.
+// bfloat16 is the top half of a float32: widen the 16-bit lanes and shift; uint8 and bool
+// (one byte, 0 or 1 for valid labels): widen to int32, then convert to float. With AVX2
+// each widening is one zero-extending load (vpmovzxwd / vpmovzxbd); GCC 12 compiled the
+// generic byte widening below lane by lane (about 30 instructions per vector, measured
+// +35% on the gradient with uint8 labels).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+inline HwF LoadHw(const BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return AsFloat(reinterpret_cast<HwI>(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16)));
+}
+inline HwF LoadBytesHw(const void* p) {
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<HwF>(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)));
+}
+#else
 inline HwF LoadHw(const BFloat16* p) {
   typedef uint16_t U16 __attribute__((vector_size(kHardwareLanes * 2)));
   U16 bits;
   std::memcpy(&bits, p, sizeof(bits));
   return AsFloat(__builtin_convertvector(bits, HwI) << 16);
 }
-
-// uint8 and bool (one byte, 0 or 1 for valid labels): widen to int32, then to float.
 inline HwF LoadBytesHw(const void* p) {
   typedef uint8_t U8 __attribute__((vector_size(kHardwareLanes)));
   U8 bytes;
   std::memcpy(&bytes, p, sizeof(bytes));
   return __builtin_convertvector(__builtin_convertvector(bytes, HwI), HwF);
 }
+#endif
 inline HwF LoadHw(const uint8_t* p) { return LoadBytesHw(p); }
 inline HwF LoadHw(const bool* p) { return LoadBytesHw(p); }
 
