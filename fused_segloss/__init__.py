@@ -6,7 +6,7 @@
                   empty="include", class_weights=None)
     loss = seg_loss(logits, labels, ...)   # == res.total
 """
-from . import reference
+from . import _eager_fused, reference
 from ._loader import FusedSeglossFallbackWarning
 from .combine import SegLossResult, combine
 from .ops import fused_available, segloss_stats
@@ -24,6 +24,8 @@ def seg_loss_result(logits, labels, weights=None, pos_weight=None, **options) ->
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are "
                          f"{list(_STATS_OPTIONS + _COMBINE_OPTIONS)}")
+    if _eager_fused.applicable(options):  # one traced call instead of several
+        return _eager_fused.result(logits, labels, weights, pos_weight, **options)
     stats = segloss_stats(logits, labels, weights, pos_weight,
                           **{k: v for k, v in options.items() if k in _STATS_OPTIONS})
     return combine(stats, **{k: v for k, v in options.items() if k in _COMBINE_OPTIONS})

@@ -1,0 +1,116 @@
+"""seg_loss_result called eagerly runs the fused op and `combine` as one traced function
+(fused_segloss/_eager_fused.py). It must give exactly what the op-by-op path gives
+(`combine(segloss_stats(...))`, which stays the path for tensor-valued options), values and
+gradients, for every option that changes the traced function."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fused_segloss as fsl
+from fused_segloss import _eager_fused
+
+FIELDS = fsl.SegLossResult._fields
+
+
+def _problem(seed, channels_last=True):
+    rng = np.random.default_rng(seed)
+    shape = (3, 9, 11, 4) if channels_last else (3, 4, 9, 11)
+    logits = tf.constant(rng.normal(0.0, 2.0, shape).astype(np.float32))
+    labels = tf.constant((rng.random(shape) < 0.3).astype(np.float32))
+    wshape = (3, 9, 11, 1) if channels_last else (3, 1, 9, 11)
+    weights = tf.constant(rng.random(wshape).astype(np.float32))
+    return logits, labels, weights
+
+
+def _with_gradients(fn, logits, *extra):
+    with tf.GradientTape() as tape:
+        tape.watch([logits, *extra])
+        res = fn()
+        loss = res.total + 0.5 * tf.reduce_sum(res.dice_per_class) + res.ce
+    return res, tape.gradient(loss, [logits, *extra])
+
+
+OPTION_SETS = [
+    {},
+    {"data_format": "channels_first"},
+    {"squared": True, "dice_mode": "per_image", "empty": "exclude"},
+    {"ce_weight": 0.3, "dice_weight": 2.0, "smooth": 1.0, "pos_weight": [1.0, 2.0, 0.5, 3.0]},
+    {"weights": True, "class_weights": [1.0, 0.0, 2.0, 1.0]},
+]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(o) or "defaults")
+def test_eager_fast_path_equals_op_by_op(options):
+    options = dict(options)
+    channels_last = options.get("data_format", "channels_last") == "channels_last"
+    logits, labels, weights = _problem(1, channels_last)
+    weights = weights if options.pop("weights", False) else None
+    pos_weight = options.pop("pos_weight", None)
+    assert _eager_fused.applicable(options)
+    stats_opts = {k: v for k, v in options.items() if k in fsl._STATS_OPTIONS}
+    combine_opts = {k: v for k, v in options.items() if k in fsl._COMBINE_OPTIONS}
+
+    fast, fast_grad = _with_gradients(
+        lambda: fsl.seg_loss_result(logits, labels, weights, pos_weight, **options), logits)
+    slow, slow_grad = _with_gradients(
+        lambda: fsl.combine(fsl.segloss_stats(logits, labels, weights, pos_weight,
+                                              **stats_opts), **combine_opts), logits)
+    for field in FIELDS:
+        np.testing.assert_allclose(getattr(fast, field).numpy(), getattr(slow, field).numpy(),
+                                   rtol=1e-6, atol=1e-7, err_msg=field)
+    np.testing.assert_allclose(fast_grad[0].numpy(), slow_grad[0].numpy(), rtol=1e-5,
+                               atol=1e-10)
+
+
+def test_class_weight_tensor_still_gets_its_gradient():
+    logits, labels, _ = _problem(2)
+    cw = tf.constant([1.0, 2.0, 0.5, 1.0])
+    _, (_, fast) = _with_gradients(
+        lambda: fsl.seg_loss_result(logits, labels, class_weights=cw), logits, cw)
+    _, (_, ref) = _with_gradients(
+        lambda: fsl.seg_loss_result(logits, labels, class_weights=cw,
+                                    implementation="reference"), logits, cw)
+    assert fast is not None
+    np.testing.assert_allclose(fast.numpy(), ref.numpy(), rtol=1e-4, atol=1e-7)
+
+
+def test_tensor_options_take_the_op_by_op_path_and_agree():
+    logits, labels, _ = _problem(3)
+    weight = tf.constant(0.25)
+    assert not _eager_fused.applicable({"ce_weight": weight})
+    with tf.GradientTape() as tape:
+        tape.watch(weight)
+        got = fsl.seg_loss(logits, labels, ce_weight=weight)
+    d_weight = tape.gradient(got, weight)
+    want = fsl.seg_loss(logits, labels, ce_weight=0.25)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    ce = fsl.seg_loss_result(logits, labels).ce
+    np.testing.assert_allclose(d_weight.numpy(), ce.numpy(), rtol=1e-5)
+
+
+def test_not_used_inside_a_graph_or_with_check_numerics():
+    assert not _eager_fused.applicable({"check_numerics": True})
+    seen = []
+
+    @tf.function
+    def traced():
+        seen.append(_eager_fused.applicable({}))
+        return 0
+
+    traced()
+    assert seen == [False]
+
+
+def test_traced_functions_stay_bounded():
+    logits, labels, _ = _problem(4)
+    for i in range(_eager_fused._MAX_FUNCTIONS + 5):
+        fsl.seg_loss(logits, labels, smooth=1.0 + i)
+    assert len(_eager_fused._functions) <= _eager_fused._MAX_FUNCTIONS
+
+
+def test_bad_labels_still_raise_naming_the_argument():
+    logits, labels, _ = _problem(5)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="`labels` must lie in"):
+        fsl.seg_loss(logits, labels * 3.0)
+    with pytest.raises(ValueError, match="`labels` shape"):
+        fsl.seg_loss(logits, labels[..., :2])
