@@ -33,11 +33,19 @@ def _shape_of(r):
     return bp.CaseShape(*(r[f] for f in bp.CaseShape._fields))
 
 
-def find(rows, path, direction, shape):
+def find(rows, path, direction, shape, section=None):
+    """The first row of that path, direction and shape (in that section, if given)."""
     for r in rows:
-        if r["path"] == path and r["direction"] == direction and _shape_of(r) == shape:
+        if (r["path"] == path and r["direction"] == direction and _shape_of(r) == shape
+                and section in (None, r.get("section"))):
             return r
     return None
+
+
+def compare_shapes(base):
+    """The inputs of the layout and dtype targets: base, channels_first, bf16 + uint8."""
+    return [base, base._replace(layout="channels_first"),
+            base._replace(logits_dtype="bfloat16", labels_dtype="uint8")]
 
 
 def add_ratios(rows):
@@ -133,6 +141,24 @@ def variants_table(rows, base, compare_path):
     return "\n".join(lines)
 
 
+def compare_table(rows, base):
+    """The fused fwd+bwd times of the layout and dtype targets, timed in the same rounds."""
+    lines = [f"Layout and dtype, {base.batch}x{base.size}x{base.size}x{base.classes}, fused "
+             f"(eager) forward+backward timed in the same rounds: median ms and time / the "
+             f"first row's",
+             f"{'layout':<15}{'logits':<9}{'labels':<8}{'fwd+bwd ms':>11}{'x floor':>9}"
+             f"{'vs first':>9}"]
+    first = find(rows, "fused", "fwd_bwd", base, "compare")
+    for shape in compare_shapes(base):
+        r = find(rows, "fused", "fwd_bwd", shape, "compare")
+        if r is None:
+            continue
+        lines.append(f"{shape.layout:<15}{shape.logits_dtype:<9}{shape.labels_dtype:<8}"
+                     f"{r['median_ms']:>11.2f}{r['x_floor']:>9.1f}"
+                     f"{_fmt(first and r['median_ms'] / first['median_ms'], '.2f'):>9}")
+    return "\n".join(lines)
+
+
 def floors_table(floor_rows):
     lines = ["Memory-bandwidth floor, measured in the same rounds as each group (fastest copy "
              "of the rounds, ms; GB/s counts bytes read + written)",
@@ -160,11 +186,18 @@ def targets(rows, memory, base, sizes):
     def ratio(a, b):
         return a / b if a is not None and b else None
 
+    def fused_ratio(shape):
+        """fused time on `shape` / on base: from the compare section (same rounds) when it
+        ran, else from the separate groups."""
+        same_rounds = [find(rows, "fused", "fwd_bwd", s, "compare") for s in (shape, base)]
+        if all(same_rounds):
+            return same_rounds[0]["median_ms"] / same_rounds[1]["median_ms"]
+        return ratio(med("fused", shape), fused)
+
     fused = med("fused", base)
     floor_row_ = find(rows, "fused", "fwd_bwd", base)
     mem = _memory_for(memory, "fused", "fwd_bwd", base)
-    first = base._replace(layout="channels_first")
-    small = base._replace(logits_dtype="bfloat16", labels_dtype="uint8")
+    _, first, small = compare_shapes(base)
     checks = [
         ("fused fwd+bwd / floor", floor_row_ and floor_row_["x_floor"], "<=", 1.5),
         ("reference XLA / fused", ratio(med("reference_xla", base), fused), ">=", 6.0),
@@ -173,8 +206,8 @@ def targets(rows, memory, base, sizes):
          ">=", 14.0),
         ("fused peak extra / logits", mem and mem["x_logits"], "<=", 1.5),
         ("fused time/element spread 256²-1024²", linearity(rows, base, sizes), "<=", 1.15),
-        ("channels_first / channels_last", ratio(med("fused", first), fused), "<=", 1.2),
-        ("bf16+uint8 / f32+f32", ratio(med("fused", small), fused), "<", 1.0),
+        ("channels_first / channels_last", fused_ratio(first), "<=", 1.2),
+        ("bf16+uint8 / f32+f32", fused_ratio(small), "<", 1.0),
     ]
     out = []
     for name, value, op, bound in checks:
@@ -185,7 +218,8 @@ def targets(rows, memory, base, sizes):
 
 
 def targets_table(target_rows, base):
-    lines = [f"Targets at {base.describe()} (fused = fused eager, forward+backward)"]
+    lines = [f"Targets at {base.describe()} (fused = fused eager, forward+backward; the "
+             f"layout and dtype ratios from the same rounds when the compare section ran)"]
     for t in target_rows:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
         lines.append(f"  {t['target']:<40}{_fmt(t['value'], '.2f'):>8}  "

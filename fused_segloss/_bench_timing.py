@@ -27,6 +27,7 @@ from . import _bench_paths as bp
 class Entry(NamedTuple):
     path: str
     direction: str
+    shape: Optional[bp.CaseShape] = None  # None: the group's shape (same element count)
 
 
 class Timed(NamedTuple):
@@ -100,6 +101,17 @@ class _FloorProbe:
                      best["numpy_2threads"], best["tf_new_tensor"])
 
 
+class _Prepared(NamedTuple):
+    entry: Entry
+    label: str
+    step: object
+    first_call_s: float
+    warm_call_s: float
+    custom_calls: Optional[list]
+    shape: bp.CaseShape
+    inputs: tuple
+
+
 def _timed_call(step, inputs):
     t0 = time.perf_counter()
     bp.run_step(step, inputs)
@@ -108,20 +120,26 @@ def _timed_call(step, inputs):
 
 def time_group(shape: bp.CaseShape, entries: List[Entry], min_rounds=3, max_rounds=30,
                budget_s=12.0, log=print):
-    """Times every entry on the same inputs; returns ([Timed], Floor)."""
-    inputs = bp.make_inputs(shape)
+    """Times every entry (on the group's inputs, or on its own shape's: a layout or dtype
+    variant of the same size, so that their ratio comes from the same rounds); returns
+    ([Timed], Floor)."""
+    inputs_by_shape = {}
     prepared = []
     for entry in entries:
+        entry_shape = entry.shape or shape
+        if entry_shape not in inputs_by_shape:
+            inputs_by_shape[entry_shape] = bp.make_inputs(entry_shape)
+        inputs = inputs_by_shape[entry_shape]
         spec = bp.PATHS[entry.path]
-        step = bp.make_step(spec, entry.direction, shape.layout)
+        step = bp.make_step(spec, entry.direction, entry_shape.layout)
         first = _timed_call(step, inputs)
         warm = _timed_call(step, inputs)
         calls = bp.compiled_custom_calls(step, inputs) if spec.mode == "xla" else None
         label = bp.xla_label(spec, calls) if spec.mode == "xla" else spec.label
-        prepared.append((entry, label, step, first, warm, calls))
+        prepared.append(_Prepared(entry, label, step, first, warm, calls, entry_shape, inputs))
     floor = _FloorProbe(shape.elements)
     floor.run_once()
-    round_s = sum(p[4] for p in prepared) + 1e-9
+    round_s = sum(p.warm_call_s for p in prepared) + 1e-9
     rounds = int(max(min_rounds, min(max_rounds, budget_s // round_s)))
     log(f"  {shape.describe()}: {len(entries)} entries, {rounds} rounds of ~{round_s:.2f} s")
     times = [[] for _ in prepared]
@@ -129,9 +147,9 @@ def time_group(shape: bp.CaseShape, entries: List[Entry], min_rounds=3, max_roun
         order = list(range(len(prepared)))
         order = order[r % len(order):] + order[:r % len(order)]
         for i in order:
-            times[i].append(_timed_call(prepared[i][2], inputs))
+            times[i].append(_timed_call(prepared[i].step, prepared[i].inputs))
         floor.run_once()
-    results = [Timed(entry.path, label, entry.direction, shape, float(np.median(t)),
-                     float(np.min(t)), len(t), first, calls)
-               for (entry, label, _, first, _, calls), t in zip(prepared, times)]
+    results = [Timed(p.entry.path, p.label, p.entry.direction, p.shape, float(np.median(t)),
+                     float(np.min(t)), len(t), p.first_call_s, p.custom_calls)
+               for p, t in zip(prepared, times)]
     return results, floor.result()

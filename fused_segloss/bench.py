@@ -24,7 +24,7 @@ _FULL = dict(batch=8, classes=5, size=512, sizes="64,128,256,512,1024", min_roun
 _QUICK = dict(batch=2, classes=3, size=128, sizes="64,128", min_rounds=2, max_rounds=2,
               group_seconds=0.0, variant_seconds=0.0, variant_paths="fused",
               memory_paths="fused,reference")
-SECTIONS = ("paths", "sweep", "variants", "memory")
+SECTIONS = ("paths", "compare", "sweep", "variants", "memory")
 
 
 def _csv(text, allowed=None, convert=str, name="value"):
@@ -130,9 +130,9 @@ def run(args, log=print):
     paths = [p for p in args.paths if p in usable]
     rows, floors, sweep_floors, memory = [], [], {}, []
 
-    def group(section, shape, entries, budget_s):
-        todo = [e for e in entries if e.path in usable
-                and not report.find(rows, e.path, e.direction, shape)]
+    def group(section, shape, entries, budget_s, skip_measured=True):
+        todo = [e for e in entries if e.path in usable and not (
+            skip_measured and report.find(rows, e.path, e.direction, e.shape or shape))]
         if not todo:
             return
         timed, floor = timing.time_group(shape, todo, args.min_rounds, args.max_rounds,
@@ -146,6 +146,13 @@ def run(args, log=print):
         log("paths:")
         group("paths", base, [timing.Entry(p, d) for p in paths for d in bp.DIRECTIONS],
               args.group_seconds)
+    if "compare" in args.sections:
+        # The layout and dtype targets compare fused times on different inputs; timed in one
+        # group, their ratios come from the same rounds (not from groups minutes apart).
+        log("compare (layout and dtype targets, same rounds):")
+        group("compare", base, [timing.Entry("fused", "fwd_bwd", shape)
+                                for shape in report.compare_shapes(base)],
+              args.group_seconds, skip_measured=False)
     if "sweep" in args.sections:
         log("sweep:")
         for size in args.sizes:
@@ -174,6 +181,7 @@ def run(args, log=print):
               f"{info['load_average_1min_at_start']} at the start, "
               f"{info['load_average_1min_at_end']} at the end",
               report.paths_table(rows, memory, base, paths),
+              report.compare_table(rows, base),
               report.sweep_table(rows, base, args.sizes, paths, sweep_floors),
               report.variants_table(rows, base, compare),
               report.floors_table(floors),

@@ -94,6 +94,29 @@ def test_targets_compare_the_right_rows():
     assert found["fused time/element spread 256²-1024²"] == (pytest.approx(1.2), False)
 
 
+def test_layout_and_dtype_targets_prefer_times_from_the_same_rounds():
+    base = bp.CaseShape(8, 512, 5)
+    first = base._replace(layout="channels_first")
+    small = base._replace(logits_dtype="bfloat16", labels_dtype="uint8")
+    separate = (_rows({"fused": 10.0}) + _rows({"fused": 13.0}, layout="channels_first")
+                + _rows({"fused": 12.0}, logits_dtype="bfloat16", labels_dtype="uint8"))
+    found = {t["target"]: t["value"] for t in report.targets(separate, [], base, [512])}
+    assert found["channels_first / channels_last"] == pytest.approx(1.3)
+    assert found["bf16+uint8 / f32+f32"] == pytest.approx(1.2)
+    same_rounds = [dict(r, section="compare") for r in
+                   _rows({"fused": 20.0}) + _rows({"fused": 22.0}, layout="channels_first")
+                   + _rows({"fused": 18.0}, logits_dtype="bfloat16", labels_dtype="uint8")]
+    found = {t["target"]: t["value"]
+             for t in report.targets(separate + same_rounds, [], base, [512])}
+    assert found["channels_first / channels_last"] == pytest.approx(1.1)
+    assert found["bf16+uint8 / f32+f32"] == pytest.approx(0.9)
+    # the other targets keep using the paths rows (the first found)
+    assert report.find(separate + same_rounds, "fused", "fwd_bwd", base)["median_ms"] == 10.0
+    assert report.find(separate + same_rounds, "fused", "fwd_bwd", first,
+                       "compare")["median_ms"] == 22.0
+    assert report.compare_shapes(base) == [base, first, small]
+
+
 def test_bench_rejects_unknown_names():
     with pytest.raises(SystemExit):
         bench.parse_args(["--paths", "fused,nonsense"])
@@ -114,8 +137,8 @@ def quick_run(tmp_path_factory):
 @needs_library
 def test_quick_bench_prints_every_table(quick_run):
     stdout, result, _ = quick_run
-    for heading in ("Paths, 2x128x128x3", "Size sweep", "Variants", "Memory-bandwidth floor",
-                    "Targets at"):
+    for heading in ("Paths, 2x128x128x3", "Layout and dtype, 2x128x128x3", "Size sweep",
+                    "Variants", "Memory-bandwidth floor", "Targets at"):
         assert heading in stdout
     for spec in bp.PATHS.values():
         if spec.name != "xla_auto":
@@ -136,6 +159,9 @@ def test_quick_bench_json_is_complete_and_consistent(quick_run):
                 and r["size"] == base.size}
     assert len(variants) == 2 * 3 * 2 * 2
     assert {r["size"] for r in rows if r["path"] == "reference_xla"} == {64, 128}
+    compared = [bp.CaseShape(*(r[f] for f in bp.CaseShape._fields)) for r in rows
+                if r["section"] == "compare"]
+    assert compared == report.compare_shapes(base)
     for r in rows:
         assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"]
         assert r["bytes_min"] == bp.min_bytes_moved(

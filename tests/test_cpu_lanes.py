@@ -129,3 +129,38 @@ def test_logits_still_used_after_the_gradient_are_not_overwritten():
         loss = fsl.seg_loss(logits, labels, implementation="reference")
     np.testing.assert_allclose(grad.numpy(), tape.gradient(loss, logits).numpy(), rtol=1e-4,
                                atol=1e-9)
+
+
+def _raw_gradient(logits, labels, upstream, data_format):
+    lib = fsl.ops.library()
+    return lib.fused_segloss_stats_grad(
+        logits, labels, tf.zeros([0], tf.float32), tf.zeros([], tf.float32), upstream,
+        data_format=data_format, squared=False)
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+@pytest.mark.parametrize("classes", [1, 5, 8, 17])
+def test_bfloat16_gradient_is_the_float32_gradient_rounded_to_nearest_even(classes,
+                                                                           data_format):
+    """The bfloat16 store (vector narrowing, csrc/core/segloss_cpu_lanes.h) against TF's own
+    float32 -> bfloat16 cast of the same gradient: bit for bit, in full and partial vectors,
+    with NaN logits (check_numerics off) giving NaN, never inf or a number."""
+    rng = np.random.default_rng(classes)
+    shape = (2, 37, 9, classes) if data_format == "channels_last" else (2, classes, 37, 9)
+    x = rng.normal(0.0, 3.0, shape).astype(np.float32)
+    x.flat[rng.choice(x.size, 5, replace=False)] = np.nan
+    logits_bf16 = tf.cast(tf.constant(x), tf.bfloat16)
+    labels = tf.constant((rng.random(shape) < 0.4).astype(np.uint8))
+    # Upstream gradients of varied magnitude, so that the rounding bits differ per class.
+    upstream = tf.constant(rng.normal(0.0, 1.0, (2, classes, 8)).astype(np.float32))
+    got = _raw_gradient(logits_bf16, labels, upstream, data_format)
+    assert got.dtype == tf.bfloat16
+    # bfloat16 -> float32 is exact, so the kernel computes the same float32 gradient here.
+    want = tf.cast(_raw_gradient(tf.cast(logits_bf16, tf.float32), labels, upstream,
+                                 data_format), tf.bfloat16)
+    got_bits = tf.bitcast(got, tf.uint16).numpy()
+    want_bits = tf.bitcast(want, tf.uint16).numpy()
+    nan = np.isnan(tf.cast(want, tf.float32).numpy())
+    assert nan.sum() >= 5
+    np.testing.assert_array_equal(np.isnan(tf.cast(got, tf.float32).numpy()), nan)
+    np.testing.assert_array_equal(got_bits[~nan], want_bits[~nan])

@@ -202,9 +202,10 @@ FSL_HD void AddTerms(Vec* slots, const Vec terms[kNumStats], Vec invalid) {
 // ([vectors][kSlots], in L1): a load, add and store per statistic, which measured no
 // slower in cache (1.49 against 1.52 ns per element) than a column-by-column walk with
 // register accumulators, while that walk lost 1.4-2x to cache misses on channels_last
-// data (stride = one row, 25 rows per column: too short a stream to prefetch). Full vectors are inlined; row ends go through
-// the out-of-line partial function, in a separate statement so that the inlined terms
-// never have their address taken (that made GCC keep them all on the stack).
+// data (stride = one row, 25 rows per column: too short a stream to prefetch). Full
+// vectors are inlined; row ends go through the out-of-line partial function, in a separate
+// statement so that the inlined terms never have their address taken (that made GCC keep
+// them all on the stack).
 template <typename Compute, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
 int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_t count,
                         const RowGeometry& g, const Compute* pos_weight_lanes,
@@ -251,14 +252,29 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
   return invalid_total;
 }
 
+// The 4 per-lane gradient coefficients of vector `lane0` of a row: pos_weight, g_ce,
+// g_inter, g_pred (rows of the [4][padded] pattern).
+template <typename Vec>
+struct GradientPattern {
+  Vec pos_weight, g_ce, g_inter, g_pred;
+};
+
+template <typename Vec, typename Compute>
+FSL_HD GradientPattern<Vec> LoadPattern(const Compute* pattern_lanes, int64_t padded,
+                                        int64_t lane0) {
+  return {Load<Vec>(pattern_lanes + lane0), Load<Vec>(pattern_lanes + padded + lane0),
+          Load<Vec>(pattern_lanes + 2 * padded + lane0),
+          Load<Vec>(pattern_lanes + 3 * padded + lane0)};
+}
+
 // Gradient of one vector of a row.
 template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename LogitT,
           typename LabelT>
 FSL_HD void GradientElements(const LogitT* x, const LabelT* z, const float* w,
-                             const Vec pattern[4], int lanes, LogitT* out) {
+                             const GradientPattern<Vec>& pattern, int lanes, LogitT* out) {
   const ElementInputs<Vec> in = LoadInputs<Vec, kWeighted, kPartial>(x, z, w, lanes);
-  const Vec g = LogitGradient<Vec, kSquared>(in.x, in.z, in.w, pattern[0], pattern[1],
-                                             pattern[2], pattern[3]);
+  const Vec g = LogitGradient<Vec, kSquared>(in.x, in.z, in.w, pattern.pos_weight,
+                                             pattern.g_ce, pattern.g_inter, pattern.g_pred);
   if constexpr (kPartial) {
     StorePartial(g, out, lanes);
   } else {
@@ -266,12 +282,18 @@ FSL_HD void GradientElements(const LogitT* x, const LabelT* z, const float* w,
   }
 }
 
-// Row ends only; out of line for the reason given at PartialElementTerms.
-template <typename Vec, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
+// Row ends only; out of line for the reason given at PartialElementTerms. It loads its
+// own pattern: passing the full vectors' pattern by address made GCC store all of it to
+// the stack on every full vector too.
+template <typename Vec, bool kSquared, bool kWeighted, typename Compute, typename LogitT,
+          typename LabelT>
 __attribute__((noinline)) void PartialGradientElements(const LogitT* x, const LabelT* z,
-                                                       const float* w, const Vec pattern[4],
+                                                       const float* w,
+                                                       const Compute* pattern_lanes,
+                                                       int64_t padded, int64_t lane0,
                                                        int lanes, LogitT* out) {
-  GradientElements<Vec, kSquared, kWeighted, true>(x, z, w, pattern, lanes, out);
+  GradientElements<Vec, kSquared, kWeighted, true>(
+      x, z, w, LoadPattern<Vec>(pattern_lanes, padded, lane0), lanes, out);
 }
 
 template <typename Compute, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
@@ -284,17 +306,14 @@ void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t cou
     for (int64_t v = 0; v < g.vectors; ++v) {
       const int64_t lane0 = v * kWidth;
       if (lane0 >= row_count) break;
-      const Vec pattern[4] = {Load<Vec>(pattern_lanes + lane0),
-                              Load<Vec>(pattern_lanes + g.padded + lane0),
-                              Load<Vec>(pattern_lanes + 2 * g.padded + lane0),
-                              Load<Vec>(pattern_lanes + 3 * g.padded + lane0)};
       const int64_t i = row + lane0;
       if (lane0 + kWidth <= row_count) {
         GradientElements<Vec, kSquared, kWeighted, false>(
-            x + i, z + i, WeightsAt<kWeighted>(w, i), pattern, kWidth, out + i);
+            x + i, z + i, WeightsAt<kWeighted>(w, i),
+            LoadPattern<Vec>(pattern_lanes, g.padded, lane0), kWidth, out + i);
       } else {
         PartialGradientElements<Vec, kSquared, kWeighted>(
-            x + i, z + i, WeightsAt<kWeighted>(w, i), pattern,
+            x + i, z + i, WeightsAt<kWeighted>(w, i), pattern_lanes, g.padded, lane0,
             static_cast<int>(row_count - lane0), out + i);
       }
     }

@@ -1,8 +1,11 @@
 // CPU OpKernels: thin adapters from tensors to the framework-free core kernels,
 // running the core's fixed work items on TF's intra-op thread pool.
+#include <functional>
+#include <utility>
+
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/util/work_sharder.h"
+#include "chunked_parallel_for.h"
 #include "gradient_buffer_cache.h"
 #include "memory_advice.h"
 #include "segloss_problem.h"
@@ -15,11 +18,12 @@ using tensorflow::OpKernelConstruction;
 using tensorflow::OpKernelContext;
 using tensorflow::Tensor;
 
+// The core's work items on TF's intra-op pool (see chunked_parallel_for.h).
 fused_segloss::ParallelFor TfParallelFor(OpKernelContext* ctx) {
   auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
   return [pool](int64_t n, int64_t cost, const fused_segloss::RangeFn& fn) {
-    if (n <= 0) return;
-    pool->ParallelFor(n, cost, [&fn](int64_t begin, int64_t end) { fn(begin, end); });
+    auto schedule = [pool](std::function<void()> task) { pool->Schedule(std::move(task)); };
+    fused_segloss::ChunkedParallelFor(n, cost, pool->NumThreads(), schedule, fn);
   };
 }
 

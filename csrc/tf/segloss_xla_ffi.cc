@@ -10,16 +10,14 @@
 //   pos_weight float32 [C], or rank-0 (absent)
 //   grad_stats float32 [B, C, 8]            (gradient handler only)
 // Attributes: channels_last (bool), squared (bool), check_numerics (bool, stats only).
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
+#include <functional>
 #include <string>
+#include <utility>
 
 #include "xla/ffi/api/c_api.h"
 #include "xla/ffi/api/ffi.h"
+#include "chunked_parallel_for.h"
 #include "memory_advice.h"
 #include "segloss_operands.h"
 
@@ -78,56 +76,13 @@ std::string CheckGradStats(const SeglossProblem& p, ffi::AnyBuffer::Dimensions g
 }
 
 // --- CPU: the core's work items on XLA's intra-op thread pool ---------------------------
-
-// Shared between the calling thread and the tasks it schedules. A task that starts after
-// every chunk has been claimed touches only this (kept alive by shared_ptr), never `fn`,
-// so the caller may return as soon as all chunks are done, even if some scheduled tasks
-// have not run yet (no deadlock when the pool is busy: the caller claims chunks too).
-struct ChunkQueue {
-  int64_t n = 0, chunk = 1;
-  const fused_segloss::RangeFn* fn = nullptr;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mu;
-  std::condition_variable all_done;
-
-  void Drain() {
-    for (;;) {
-      const int64_t begin = next.fetch_add(chunk);
-      if (begin >= n) return;
-      const int64_t end = std::min(n, begin + chunk);
-      (*fn)(begin, end);
-      if (done.fetch_add(end - begin) + (end - begin) == n) {
-        std::lock_guard<std::mutex> lock(mu);
-        all_done.notify_all();
-      }
-    }
-  }
-};
-
-// Below this much estimated work (in the core's cost units, ~ns) scheduling costs more
-// than it saves, so the call runs on the calling thread.
-constexpr int64_t kMinParallelCost = 200000;
-constexpr int64_t kMinChunkCost = 100000;
-
+// See chunked_parallel_for.h.
 fused_segloss::ParallelFor PoolParallelFor(ffi::ThreadPool* pool) {
   const int64_t workers = pool->num_threads();
   if (workers <= 0) return fused_segloss::SerialFor;  // no intra-op pool in this context
   return [pool, workers](int64_t n, int64_t cost, const fused_segloss::RangeFn& fn) {
-    if (n <= 0) return;
-    const int64_t unit = std::max<int64_t>(cost, 1);
-    if (n == 1 || n * unit < kMinParallelCost) return fn(0, n);
-    auto queue = std::make_shared<ChunkQueue>();
-    queue->n = n;
-    queue->fn = &fn;
-    // About four chunks per thread for balance, none smaller than kMinChunkCost.
-    const int64_t by_balance = (n + 4 * (workers + 1) - 1) / (4 * (workers + 1));
-    queue->chunk = std::max<int64_t>({1, by_balance, (kMinChunkCost + unit - 1) / unit});
-    const int64_t chunks = (n + queue->chunk - 1) / queue->chunk;
-    const int64_t helpers = std::min(workers, chunks - 1);
-    for (int64_t t = 0; t < helpers; ++t) pool->Schedule([queue] { queue->Drain(); });
-    queue->Drain();
-    std::unique_lock<std::mutex> lock(queue->mu);
-    queue->all_done.wait(lock, [&] { return queue->done.load() == n; });
+    auto schedule = [pool](std::function<void()> task) { pool->Schedule(std::move(task)); };
+    fused_segloss::ChunkedParallelFor(n, cost, workers, schedule, fn);
   };
 }
 
