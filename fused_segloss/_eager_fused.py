@@ -41,9 +41,9 @@ def _result_tensors(logits, labels, weights, pos_weight, class_weights, options)
 # keeps the ConcreteFunction itself, whose call skips tf.function's argument binding and
 # trace lookup (64² images: forward 1.8 -> 1.3 ms, forward+backward 4.1 -> 3.8 ms, one
 # interleaved run). Each function traces once, with the exact static shapes, as
-# `combine`'s own traced function does: with shapes relaxed after a retrace, TF's graph optimiser rewrote the small reductions
-# differently and the loss moved by 1 ulp against `combine(segloss_stats(...))` depending
-# on which shapes a process had seen before. Bounded: a caller that varies shapes or an
+# `combine`'s own traced function does: with shapes relaxed after a retrace, TF's graph
+# optimiser rewrote the small reductions differently and the loss moved by 1 ulp against
+# `combine(segloss_stats(...))` depending on which shapes a process had seen before. Bounded: a caller that varies shapes or an
 # option every call (each new one traces anyway) cannot grow it without limit.
 _MAX_FUNCTIONS = 64
 _functions = {}
