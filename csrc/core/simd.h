@@ -10,8 +10,8 @@
 // Why parts: one vector's exp -> reciprocal -> gradient chain is about 80 cycles of
 // latency for about 40 instructions, more than the out-of-order scheduler overlaps on its
 // own; two interleaved chains keep the FP pipes busier. The gradient uses 2 parts (in-cache
-// 1.1 -> 0.9 ns per element on Zen 3); the forward uses 1 (2 parts measured no faster:
-// its accumulators live in L1 and its chains already overlap across row positions).
+// 1.1 -> 0.9 ns per element on Zen 3); the forward uses 2 with AVX-512 and 1 with AVX2
+// (its accumulators live in L1; with 16 registers 2 parts measured no faster on Zen 3).
 // Why not auto-vectorisation: gcc kept the 8 accumulator columns in memory and compiled
 // 1/(1+e) to a full-latency division (the old loop's hottest instruction).
 #pragma once
