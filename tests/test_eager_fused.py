@@ -22,12 +22,21 @@ def _problem(seed, channels_last=True):
     return logits, labels, weights
 
 
-def _with_gradients(fn, logits, *extra):
+# The losses a caller may differentiate: the total alone (the backward feeds the fused
+# gradient op with d total / d stats from the forward call) and the total plus other result
+# fields (the backward calls the traced vector-Jacobian product of `combine`).
+LOSSES = {
+    "total": lambda res: res.total,
+    "total+fields": lambda res: res.total + 0.5 * tf.reduce_sum(res.dice_per_class) + res.ce,
+}
+
+
+def _with_gradients(fn, logits, *extra, loss="total+fields", upstream=None):
     with tf.GradientTape() as tape:
         tape.watch([logits, *extra])
         res = fn()
-        loss = res.total + 0.5 * tf.reduce_sum(res.dice_per_class) + res.ce
-    return res, tape.gradient(loss, [logits, *extra])
+        value = LOSSES[loss](res)
+    return res, tape.gradient(value, [logits, *extra], output_gradients=upstream)
 
 
 OPTION_SETS = [
@@ -39,8 +48,9 @@ OPTION_SETS = [
 ]
 
 
+@pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("options", OPTION_SETS, ids=lambda o: ",".join(o) or "defaults")
-def test_eager_fast_path_equals_op_by_op(options):
+def test_eager_fast_path_equals_op_by_op(options, loss):
     options = dict(options)
     channels_last = options.get("data_format", "channels_last") == "channels_last"
     logits, labels, weights = _problem(1, channels_last)
@@ -51,10 +61,12 @@ def test_eager_fast_path_equals_op_by_op(options):
     combine_opts = {k: v for k, v in options.items() if k in fsl._COMBINE_OPTIONS}
 
     fast, fast_grad = _with_gradients(
-        lambda: fsl.seg_loss_result(logits, labels, weights, pos_weight, **options), logits)
+        lambda: fsl.seg_loss_result(logits, labels, weights, pos_weight, **options), logits,
+        loss=loss)
     slow, slow_grad = _with_gradients(
         lambda: fsl.combine(fsl.segloss_stats(logits, labels, weights, pos_weight,
-                                              **stats_opts), **combine_opts), logits)
+                                              **stats_opts), **combine_opts), logits, loss=loss)
+    assert np.abs(slow_grad[0].numpy()).max() > 0
     for field in FIELDS:
         np.testing.assert_allclose(getattr(fast, field).numpy(), getattr(slow, field).numpy(),
                                    rtol=1e-6, atol=1e-7, err_msg=field)
@@ -62,16 +74,42 @@ def test_eager_fast_path_equals_op_by_op(options):
                                atol=1e-10)
 
 
-def test_class_weight_tensor_still_gets_its_gradient():
+@pytest.mark.parametrize("loss", LOSSES)
+def test_class_weight_tensor_still_gets_its_gradient(loss):
     logits, labels, _ = _problem(2)
     cw = tf.constant([1.0, 2.0, 0.5, 1.0])
-    _, (_, fast) = _with_gradients(
-        lambda: fsl.seg_loss_result(logits, labels, class_weights=cw), logits, cw)
-    _, (_, ref) = _with_gradients(
+    _, (fast_logits, fast) = _with_gradients(
+        lambda: fsl.seg_loss_result(logits, labels, class_weights=cw), logits, cw, loss=loss)
+    _, (ref_logits, ref) = _with_gradients(
         lambda: fsl.seg_loss_result(logits, labels, class_weights=cw,
-                                    implementation="reference"), logits, cw)
+                                    implementation="reference"), logits, cw, loss=loss)
     assert fast is not None
     np.testing.assert_allclose(fast.numpy(), ref.numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(fast_logits.numpy(), ref_logits.numpy(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5, 0.0])
+def test_upstream_gradient_of_the_total_scales_the_logit_gradient(scale):
+    """The total-only backward multiplies the forward's Jacobian by the upstream gradient
+    (1 skips the multiply; Keras' loss scaling and reductions pass other values)."""
+    logits, labels, weights = _problem(6)
+    _, (got, *_) = _with_gradients(lambda: fsl.seg_loss_result(logits, labels, weights),
+                                   logits, loss="total", upstream=tf.constant(scale))
+    _, (want, *_) = _with_gradients(
+        lambda: fsl.seg_loss_result(logits, labels, weights, implementation="reference"),
+        logits, loss="total")
+    np.testing.assert_allclose(got.numpy(), scale * want.numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_a_tape_not_watching_the_inputs_records_nothing():
+    logits, labels, _ = _problem(7)
+    other = tf.constant(1.0)
+    with tf.GradientTape() as tape:
+        tape.watch(other)
+        loss = fsl.seg_loss(logits, labels) * other
+    d_logits, d_other = tape.gradient(loss, [logits, other])
+    assert d_logits is None
+    np.testing.assert_allclose(d_other.numpy(), loss.numpy(), rtol=1e-6)
 
 
 def test_tensor_options_take_the_op_by_op_path_and_agree():
