@@ -1,17 +1,17 @@
-"""seg_loss_result called eagerly on the fused path: the op and `combine` as traced calls.
+"""seg_loss_result called eagerly on the fused path: one op dispatch and one compiled call.
 
 Eagerly, `segloss_stats` followed by `combine` is an op dispatch, a traced `combine` call,
-and under a GradientTape the backward of each: a fixed cost of about 4 ms per step on the CI
-machine (64² images: 5.8 ms eager against 1.7 ms in tf.function), a third of the step at
-256². Here instead:
-- no tape watching: one traced call (the op and `combine`);
-- under a tape: one traced call that also returns d total / d stats (and d total / d
-  class_weights), recorded on the tape as one operation whose backward is the fused
-  gradient op fed with that Jacobian times the upstream gradient of `total`. TF's own
-  gradient of a traced call (a forward function with extra outputs, then a backward
-  function call) cost about 1.5 ms more per step at 64² (measured, Zen 4). When a caller
-  differentiates the other result fields too (their upstream gradients are not all zero),
-  the backward calls a traced vector-Jacobian product of `combine` instead.
+and under a GradientTape TF's gradient of each: a fixed cost of 2-4 ms per step on the CI
+machines, a third of the step at 256². Here instead:
+- the fused op runs eagerly, and `combine` is one XLA-compiled call on the stats (a TF
+  graph where this TensorFlow has no CPU JIT);
+- under a tape, that call also returns d total / d stats (and d total / d class_weights),
+  and the whole result is recorded on the tape as one operation whose backward is the
+  fused gradient op fed with that Jacobian times the upstream gradient of `total`. When a
+  caller differentiates the other result fields too (their upstream gradients are not all
+  zero), the backward calls a traced vector-Jacobian product of `combine` instead.
+Measured on Zen 4, 64² images, forward+backward: 2.4 ms with TF's gradient of one traced
+call (op and combine), 1.6 ms with the recorded operation, 0.9-1.2 ms with combine compiled.
 The static checks (shapes, dtypes, option values) still run eagerly first, so bad input
 raises the same ValueError before anything is traced. Options are static arguments, as in
 `combine`: each distinct set of options and input shapes is traced once (see _function_for).
@@ -39,47 +39,47 @@ def applicable(options):
     return ops._choose_path(options.get("implementation", "auto")) == "fused"
 
 
-def _stats(logits, labels, weights, pos_weight, options):
+def _stats(tensors, options):
+    logits, labels, weights, pos_weight, _ = tensors
     data_format, squared = options[:2]
     return ops.library().fused_segloss_stats(logits, labels, weights, pos_weight,
                                              data_format=data_format, squared=squared)
 
 
-def _result_tensors(logits, labels, weights, pos_weight, class_weights, options):
-    stats = _stats(logits, labels, weights, pos_weight, options)
+def _combine_fields(stats, class_weights, options):
     return tuple(_combine_tensors(stats, class_weights, *options[2:]))
 
 
-def _result_and_jacobian(logits, labels, weights, pos_weight, class_weights, options):
-    """The 6 result fields, the stats, and d total / d stats, d total / d class_weights."""
-    stats = _stats(logits, labels, weights, pos_weight, options)
+def _combine_and_jacobian(stats, class_weights, options):
+    """The 6 result fields, then d total / d stats and d total / d class_weights."""
     with tf.GradientTape() as tape:
         tape.watch([stats, class_weights])
         result = _combine_tensors(stats, class_weights, *options[2:])
-    d_stats, d_class_weights = tape.gradient(
-        result.total, [stats, class_weights],
-        unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return (*result, stats, d_stats, d_class_weights)
+    jacobian = tape.gradient(result.total, [stats, class_weights],
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return (*result, *jacobian)
 
 
-def _combine_vjp(stats, class_weights, options, *result_grads):
+def _combine_vjp(stats, class_weights, *result_grads_and_options):
+    *result_grads, options = result_grads_and_options
     with tf.GradientTape() as tape:
         tape.watch([stats, class_weights])
         result = _combine_tensors(stats, class_weights, *options[2:])
-    return tape.gradient(list(result), [stats, class_weights], output_gradients=list(result_grads),
+    return tape.gradient(list(result), [stats, class_weights], output_gradients=result_grads,
                          unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
 
-# One set of traced functions per set of options and input signature, taking only the
-# tensors. Binding a call's arguments costs tf.function about 0.1 ms per argument here, so
-# the seven options as arguments made each call ~0.5 ms slower (measured); and the cache
-# keeps ConcreteFunctions, whose call skips tf.function's argument binding and trace lookup
-# (64² images: forward 1.8 -> 1.3 ms, forward+backward 4.1 -> 3.8 ms, one interleaved run).
-# Each function traces once, with the exact static shapes, as `combine`'s own traced
-# function does: with shapes relaxed after a retrace, TF's graph optimiser rewrote the small
-# reductions differently and the loss moved by 1 ulp against `combine(segloss_stats(...))`
-# depending on which shapes a process had seen before. Bounded: a caller that varies shapes
-# or an option every call (each new one traces anyway) cannot grow it without limit.
+# One set of traced functions per set of options and input signature. The op runs eagerly
+# (one dispatch); `combine` (and its Jacobian) is one XLA-compiled call taking only the
+# stats and the class weights: XLA fuses its ~40 tiny ops, and the call took 0.10-0.15 ms
+# against 0.27-0.30 ms for the same function as a TF graph (64² forward+backward: 0.94
+# against 1.24 ms, Zen 4). Binding a call's arguments costs tf.function about 0.1 ms per
+# argument here, so the seven options are not arguments, and the cache keeps the
+# ConcreteFunctions, whose call skips tf.function's argument binding and trace lookup.
+# Each function traces once, with the exact static shapes: with shapes relaxed after a
+# retrace, TF's graph optimiser rewrote the small reductions differently depending on
+# which shapes a process had seen before. Bounded: a caller that varies shapes or an
+# option every call (each new one traces anyway) cannot grow it without limit.
 _MAX_FUNCTIONS = 64
 _functions = {}
 
@@ -89,28 +89,47 @@ class _Traced:
 
     def __init__(self, options, tensors):
         self._options = options
-        self._specs = [tf.TensorSpec(t.shape, t.dtype) for t in tensors]
+        logits, _, _, _, class_weights = tensors
+        classes = class_weights.shape[0]
+        self._specs = [tf.TensorSpec([logits.shape[0], classes, 8], tf.float32),
+                       tf.TensorSpec(class_weights.shape, tf.float32)]
         self._calls = {}
 
-    def _get(self, name, body, specs):
+    def _get(self, name, body, specs, jit_compile):
         fn = self._calls.get(name)
         if fn is None:
             options = self._options
-            traced = tf.function(lambda *args: body(*args, options), autograph=False)
+            traced = tf.function(lambda *args: body(*args, options), autograph=False,
+                                 jit_compile=jit_compile)
             fn = self._calls[name] = traced.get_concrete_function(*specs)
         return fn
 
-    def forward(self):
-        return self._get("forward", _result_tensors, self._specs)
+    # Traced where the caller stands: the Jacobian's inner tape must be traced while the
+    # tape set records (tracing it under record.stop_recording() would give zeros).
+    def combine_fields(self):
+        return self._get("fields", _combine_fields, self._specs, _xla_compiles())
 
-    def forward_for_tape(self):
-        return self._get("forward_for_tape", _result_and_jacobian, self._specs)
+    def combine_with_jacobian(self):
+        return self._get("jacobian", _combine_and_jacobian, self._specs, _xla_compiles())
 
-    def vjp(self, stats, result):
-        specs = [tf.TensorSpec(stats.shape, tf.float32), self._specs[-1]]
-        specs += [tf.TensorSpec(t.shape, t.dtype) for t in result]
-        return self._get("vjp", lambda s, cw, *rest: _combine_vjp(s, cw, rest[-1], *rest[:-1]),
-                         specs)
+    def vjp(self, result):
+        specs = self._specs + [tf.TensorSpec(t.shape, t.dtype) for t in result]
+        return self._get("vjp", _combine_vjp, specs, False)
+
+
+_xla_state = []
+
+
+def _xla_compiles():
+    """Whether this TensorFlow JIT-compiles on the CPU (the pip wheels do); else `combine`
+    runs as a TF graph. Probed once per process with a one-op function."""
+    if not _xla_state:
+        try:
+            tf.function(lambda t: t + 1.0, jit_compile=True)(tf.constant(1.0))
+            _xla_state.append(True)
+        except (tf.errors.OpError, ValueError):
+            _xla_state.append(False)
+    return _xla_state[0]
 
 
 def _function_for(options, tensors):
@@ -132,9 +151,10 @@ def _all_zero(tensors):
 def _recorded_result(traced, tensors, options):
     """The result, recorded on the active tape(s) as one operation of the five tensors."""
     logits, labels, weights, pos_weight, class_weights = tensors
-    forward = traced.forward_for_tape()  # traced outside stop_recording: its inner tape records
+    combine = traced.combine_with_jacobian()
     with record.stop_recording():
-        *result, stats, d_stats, d_class_weights = forward(*tensors)
+        stats = _stats(tensors, options)
+        *result, d_stats, d_class_weights = combine(stats, class_weights)
 
     def backward(*result_grads):
         d_total = result_grads[0]
@@ -145,8 +165,7 @@ def _recorded_result(traced, tensors, options):
                 grad_stats, grad_class_weights = d_stats * d_total, d_class_weights * d_total
         else:
             zeros = [tf.zeros_like(r) if g is None else g for g, r in zip(result_grads, result)]
-            grad_stats, grad_class_weights = traced.vjp(stats, result)(stats, class_weights,
-                                                                        *zeros)
+            grad_stats, grad_class_weights = traced.vjp(result)(stats, class_weights, *zeros)
         grad_logits = ops.library().fused_segloss_stats_grad(
             logits, labels, weights, pos_weight, grad_stats, data_format=options[0],
             squared=options[1])
@@ -188,4 +207,4 @@ def result(logits, labels, weights, pos_weight, *, data_format="channels_last", 
     traced = _function_for(options, tensors)
     if record.should_record_backprop(tensors):
         return SegLossResult(*_recorded_result(traced, tensors, options))
-    return SegLossResult(*traced.forward()(*tensors))
+    return SegLossResult(*traced.combine_fields()(_stats(tensors, options), cw))
