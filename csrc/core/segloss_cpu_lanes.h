@@ -257,4 +257,16 @@ inline void FoldInto(VecF<kParts> v, double* dst) {
   }
 }
 
+// Whether any lane of a mask is set (once per block).
+inline bool AnyLane(bool b) { return b; }
+template <int kParts>
+inline bool AnyLane(VecMask<kParts> m) {
+  HwI any = m.part[0];
+  for (int i = 1; i < kParts; ++i) any |= m.part[i];
+  for (int i = 0; i < kHardwareLanes; ++i) {
+    if (any[i] != 0) return true;
+  }
+  return false;
+}
+
 }  // namespace fused_segloss

@@ -131,6 +131,7 @@ FSL_VEC_BINARY(VecMask, VecF, <=)
 FSL_VEC_BINARY(VecMask, VecF, >)
 FSL_VEC_BINARY(VecMask, VecF, >=)
 FSL_VEC_BINARY(VecMask, VecMask, &)
+FSL_VEC_BINARY(VecMask, VecMask, |)
 FSL_VEC_BINARY(VecI, VecI, +)
 FSL_VEC_BINARY(VecI, VecI, -)
 #undef FSL_VEC_BINARY
@@ -146,6 +147,10 @@ template <int kParts>
 inline VecF<kParts> operator-(VecF<kParts> a) { FSL_PARTS(VecF<kParts>, -a.part[i]); }
 template <int kParts>
 inline VecF<kParts>& operator+=(VecF<kParts>& a, VecF<kParts> b) { return a = a + b; }
+
+template <int kParts>
+inline VecMask<kParts> Not(VecMask<kParts> m) { FSL_PARTS(VecMask<kParts>, ~m.part[i]); }
+inline bool Not(bool b) { return !b; }
 
 template <int kParts>
 inline VecI<kParts> FloatBits(VecF<kParts> f) { FSL_PARTS(VecI<kParts>, AsInt(f.part[i])); }
