@@ -50,23 +50,26 @@ def _combine_fields(stats, class_weights, options):
     return tuple(_combine_tensors(stats, class_weights, *options[2:]))
 
 
-def _combine_and_jacobian(stats, class_weights, options):
-    """The 6 result fields, then d total / d stats and d total / d class_weights."""
+def _combine_gradient(stats, class_weights, options, targets, output_gradients=None):
+    """combine's result and the gradient of targets(result) w.r.t. stats and class_weights."""
     with tf.GradientTape() as tape:
         tape.watch([stats, class_weights])
         result = _combine_tensors(stats, class_weights, *options[2:])
-    jacobian = tape.gradient(result.total, [stats, class_weights],
+    gradient = tape.gradient(targets(result), [stats, class_weights],
+                             output_gradients=output_gradients,
                              unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return result, gradient
+
+
+def _combine_and_jacobian(stats, class_weights, options):
+    """The 6 result fields, then d total / d stats and d total / d class_weights."""
+    result, jacobian = _combine_gradient(stats, class_weights, options, lambda r: r.total)
     return (*result, *jacobian)
 
 
 def _combine_vjp(stats, class_weights, *result_grads_and_options):
     *result_grads, options = result_grads_and_options
-    with tf.GradientTape() as tape:
-        tape.watch([stats, class_weights])
-        result = _combine_tensors(stats, class_weights, *options[2:])
-    return tape.gradient(list(result), [stats, class_weights], output_gradients=result_grads,
-                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return _combine_gradient(stats, class_weights, options, list, result_grads)[1]
 
 
 # One set of traced functions per set of options and input signature. The op runs eagerly
