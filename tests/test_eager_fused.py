@@ -22,11 +22,13 @@ def _problem(seed, channels_last=True):
     return logits, labels, weights
 
 
-# The losses a caller may differentiate: the total alone (the backward feeds the fused
-# gradient op with d total / d stats from the forward call) and the total plus other result
-# fields (the backward calls the traced vector-Jacobian product of `combine`).
+# The losses a caller may differentiate: the total alone (its recorded backward is
+# d total / d stats from the forward call), other result fields alone (the traced
+# vector-Jacobian product of `combine`), and both (the tape adds the two before the stats'
+# backward, the fused gradient op, runs).
 LOSSES = {
     "total": lambda res: res.total,
+    "fields": lambda res: 0.5 * tf.reduce_sum(res.dice_per_class) + res.ce,
     "total+fields": lambda res: res.total + 0.5 * tf.reduce_sum(res.dice_per_class) + res.ce,
 }
 
@@ -152,3 +154,72 @@ def test_bad_labels_still_raise_naming_the_argument():
         fsl.seg_loss(logits, labels * 3.0)
     with pytest.raises(ValueError, match="`labels` shape"):
         fsl.seg_loss(logits, labels[..., :2])
+
+
+class _CountingLibrary:
+    """ops.library() with a count of the gradient op's calls."""
+
+    def __init__(self, library):
+        self._library = library
+        self.gradient_calls = 0
+
+    def __getattr__(self, name):
+        op = getattr(self._library, name)
+        if name != "fused_segloss_stats_grad":
+            return op
+
+        def counted(*args, **kwargs):
+            self.gradient_calls += 1
+            return op(*args, **kwargs)
+        return counted
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_the_gradient_op_runs_once_whichever_results_are_differentiated(loss, monkeypatch):
+    """total and the other fields are separate recorded operations on the stats; the tape
+    must add their gradients before the one pass of the fused gradient op."""
+    logits, labels, _ = _problem(8)
+    counting = _CountingLibrary(_eager_fused.ops.library())
+    monkeypatch.setattr(_eager_fused.ops, "library", lambda: counting)
+    _, (got, *_) = _with_gradients(lambda: fsl.seg_loss_result(logits, labels), logits,
+                                   loss=loss)
+    monkeypatch.undo()
+    assert counting.gradient_calls == 1
+    _, (want, *_) = _with_gradients(
+        lambda: fsl.seg_loss_result(logits, labels, implementation="reference"), logits,
+        loss=loss)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-9)
+
+
+def test_a_persistent_tape_differentiates_total_and_a_field_in_turn():
+    logits, labels, _ = _problem(9)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(logits)
+        fast = fsl.seg_loss_result(logits, labels)
+        ref = fsl.seg_loss_result(logits, labels, implementation="reference")
+    for field in ("total", "ce", "dice_loss", "total"):
+        got = tape.gradient(getattr(fast, field), logits)
+        want = tape.gradient(getattr(ref, field), logits)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-9,
+                                   err_msg=field)
+    assert tape.gradient(fast.iou_per_class, logits) is None or not np.any(
+        tape.gradient(fast.iou_per_class, logits).numpy())
+
+
+def test_direct_call_equals_the_concrete_function_and_falls_back():
+    concrete = tf.function(lambda a, b: (a * b, a + b)).get_concrete_function(
+        tf.TensorSpec([3], tf.float32), tf.TensorSpec([3], tf.float32))
+    a, b = tf.constant([1.0, 2.0, 3.0]), tf.constant([0.5, -1.0, 4.0])
+    direct = _eager_fused._direct_call(concrete)
+    assert direct is not concrete
+    for got, want in zip(direct(a, b), concrete(a, b)):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+    class NoPrivateApi:  # what a TensorFlow without ConcreteFunction.inference_fn gives
+        captured_inputs = ()
+
+        def __call__(self, *args):
+            return concrete(*args)
+
+    fallback = NoPrivateApi()
+    assert _eager_fused._direct_call(fallback) is fallback
