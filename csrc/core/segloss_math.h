@@ -93,11 +93,17 @@ FSL_HD float Reciprocal(float d) { return 1.0f / d; }
 FSL_HD double Reciprocal(double d) { return 1.0 / d; }
 
 // exp(t) for t <= 0 in float32 arithmetic (float or a float vector), branch-free.
-// Cody–Waite reduction t = n·ln2 + r with |r| <= ln2/2, a degree-7 Taylor polynomial for
-// e^r (truncation < 5e-9 relative; measured max relative error of the whole function in
-// float32: 1.7e-7), and 2^n built in the exponent bits. t is clamped at -87 so 2^n stays a
-// normal float; exp(-87) = 1.6e-38 is indistinguishable from 0 in every use below.
-// NaN passes through (the clamp compares false, the polynomial stays NaN).
+// Cody–Waite reduction t = n·ln2 + r with |r| <= ln2/2, a degree-5 polynomial for e^r, and
+// 2^n built in the exponent bits. The polynomial is 1 + r + c2·r² + ... + c5·r⁵ with c2..c5
+// fitted minimax to the relative error on |r| <= ln2/2 (linear program on 4000 Chebyshev
+// nodes; 1.0e-7 in exact arithmetic, 1.2e-7 with the coefficients rounded to float32).
+// Measured over every float32 t in [-87, 0] (AVX-512 build): max relative error 2.3e-7
+// (2 ulp), against 1.7e-7 for the degree-7 Taylor polynomial it replaced, which cost four
+// more multiply-adds per vector: the FMA pipes bind the forward pass, which got 4% faster in
+// cache (Zen 4, 655k elements, 0.583 -> 0.560 ms) and the gradient 8% (0.352 -> 0.325).
+// t is clamped at -87 so 2^n stays a normal float; exp(-87) = 1.6e-38 is indistinguishable
+// from 0 in every use below. NaN passes through (the clamp compares false, the polynomial
+// stays NaN).
 template <typename T>
 FSL_HD T ExpNonPositive(T t) {
   t = Max(T(-87.0f), t);
@@ -108,11 +114,10 @@ FSL_HD T ExpNonPositive(T t) {
   // ln2 split so that n·kLn2Hi is exact for |n| < 2^10.
   const T r = MulAdd(n, T(-1.428606765330187e-06f), MulAdd(n, T(-0.693145751953125f), t));
   // Estrin's scheme (shorter dependency chains than Horner; measured ~10% faster).
-  const T r2 = r * r, r4 = r2 * r2;
-  const T p01 = r + T(1.0f), p23 = MulAdd(r, T(1.0f / 6.0f), T(0.5f));
-  const T p45 = MulAdd(r, T(1.0f / 120.0f), T(1.0f / 24.0f));
-  const T p67 = MulAdd(r, T(1.0f / 5040.0f), T(1.0f / 720.0f));
-  const T poly = MulAdd(r4, MulAdd(r2, p67, p45), MulAdd(r2, p23, p01));
+  const T r2 = r * r;
+  const T p01 = r + T(1.0f), p23 = MulAdd(r, T(0.16667261719703674f), T(0.4999926686286926f));
+  const T p45 = MulAdd(r, T(0.008300540037453175f), T(0.04188753291964531f));
+  const T poly = MulAdd(r2, MulAdd(r2, p45, p23), p01);
   return poly * BitsToFloat((n_int + 127) << 23);
 }
 
