@@ -23,11 +23,12 @@ from . import _bench_paths as bp
 # median of 4 on this machine moved by 20% between runs (min 13.2, median 16.2 ms).
 _FULL = dict(batch=8, classes=5, size=512, sizes="64,128,256,512,1024", min_rounds=5,
              max_rounds=25, group_seconds=20.0, variant_seconds=4.0,
-             variant_paths="fused,reference_xla", memory_paths=",".join(bp.PATHS))
+             variant_paths="fused,reference_xla", memory_paths=",".join(bp.PATHS),
+             anatomy_steps=40)
 _QUICK = dict(batch=2, classes=3, size=128, sizes="64,128", min_rounds=2, max_rounds=2,
               group_seconds=0.0, variant_seconds=0.0, variant_paths="fused",
-              memory_paths="fused,reference")
-SECTIONS = ("paths", "compare", "sweep", "variants", "memory")
+              memory_paths="fused,reference", anatomy_steps=3)
+SECTIONS = ("paths", "compare", "sweep", "variants", "memory", "anatomy")
 
 
 def _csv(text, allowed=None, convert=str, name="value"):
@@ -62,6 +63,8 @@ def parse_args(argv=None):
                         help="time budget per group for the timed rounds (between min and max)")
     parser.add_argument("--variant-seconds", type=float,
                         help="the same for each of the 24 variant groups (full: 4)")
+    parser.add_argument("--anatomy-steps", type=int,
+                        help="eager steps timed phase by phase in the anatomy section (40)")
     parser.add_argument("--out-dir", default="bench_out",
                         help="where bench.json, bench.png and bench.txt go (bench_out)")
     args = parser.parse_args(argv)
@@ -76,8 +79,8 @@ def parse_args(argv=None):
         args.sections = _csv(args.sections, SECTIONS, name="section")
     except (argparse.ArgumentTypeError, ValueError) as exc:
         parser.error(str(exc))
-    if min(args.sizes + [args.size, args.batch, args.classes]) < 1:
-        parser.error("sizes, batch and classes must be >= 1")
+    if min(args.sizes + [args.size, args.batch, args.classes, args.anatomy_steps]) < 1:
+        parser.error("sizes, batch, classes and anatomy steps must be >= 1")
     return args
 
 
@@ -119,7 +122,8 @@ def _describe_machine(info):
 
 def run(args, log=print):
     """Runs the selected sections; returns the JSON-ready result."""
-    from . import _bench_memory, _bench_report as report, _bench_timing as timing, ops
+    from . import _bench_anatomy, _bench_memory, _bench_report as report, _bench_timing as timing
+    from . import ops
 
     started = time.perf_counter()
     info = machine()
@@ -131,7 +135,7 @@ def run(args, log=print):
         notes.append("the op library is unavailable: fused rows are skipped, xla (auto) "
                      "measures the reference")
     paths = [p for p in args.paths if p in usable]
-    rows, floors, sweep_floors, memory = [], [], {}, []
+    rows, floors, sweep_floors, memory, anatomy = [], [], {}, [], None
 
     def group(section, shape, entries, budget_s, skip_measured=True):
         todo = [e for e in entries if e.path in usable and not (
@@ -176,6 +180,9 @@ def run(args, log=print):
             memory.append(_bench_memory.measure(path, direction, base))
             log(f"  {path} {direction}: " + (memory[-1].get("error") or
                 f"{memory[-1]['peak_extra_bytes'] / 2**20:.1f} MB"))
+    if "anatomy" in args.sections and "fused" in usable:
+        log("anatomy (eager fused step, phase by phase):")
+        anatomy = _bench_anatomy.measure(base, args.anatomy_steps)
     info["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     report.add_ratios(rows)
     target_rows = report.targets(rows, memory, base, args.sizes)
@@ -188,7 +195,10 @@ def run(args, log=print):
               report.sweep_table(rows, base, args.sizes, paths, sweep_floors),
               report.variants_table(rows, base, compare),
               report.floors_table(floors),
-              report.targets_table(target_rows, base)] + [f"Note: {n}" for n in notes]
+              report.targets_table(target_rows, base)]
+    if anatomy is not None:
+        tables.append(_bench_anatomy.table(anatomy))
+    tables += [f"Note: {n}" for n in notes]
     bad_memory = [m for m in memory if "error" in m]
     if bad_memory:
         tables.append("Memory probes that failed: " + "; ".join(
@@ -196,6 +206,8 @@ def run(args, log=print):
     return {"machine": info, "config": {k: v for k, v in vars(args).items()},
             "base_shape": base._asdict(), "rows": rows, "floors": floors, "memory": memory,
             "targets": target_rows, "notes": notes,
+            "anatomy": anatomy and {"step_ms": anatomy.step_ms, "steps": anatomy.steps,
+                                    "intervals_ms": dict(anatomy.intervals_ms)},
             "wall_seconds": time.perf_counter() - started}, "\n\n".join(tables), sweep_floors
 
 

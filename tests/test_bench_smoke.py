@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import fused_segloss
+from fused_segloss import _bench_anatomy
 from fused_segloss import _bench_paths as bp
 from fused_segloss import _bench_report as report
 from fused_segloss import bench
@@ -92,6 +93,21 @@ def test_targets_compare_the_right_rows():
     assert found["bf16+uint8 / f32+f32"] == (pytest.approx(0.8), True)
     # per element (N = 8*256²*5): 256² 2.5/N, 512² 10/4N = 2.5/N, 1024² 48/16N = 3/N -> 1.2
     assert found["fused time/element spread 256²-1024²"] == (pytest.approx(1.2), False)
+    # the same-mode context rows: none measured here (no xla_auto / fused_function rows)
+    assert found["same mode: reference XLA / xla (custom call)"] == (None, None)
+    rows += [dict(r, label="xla (custom call)") for r in _rows({"xla_auto": 5.0})]
+    rows += _rows({"fused_function": 8.0})
+    found = {t["target"]: (t["value"], t["met"], t["kind"])
+             for t in report.targets(rows, memory, base, [256, 512, 1024])}
+    assert found["same mode: reference XLA / xla (custom call)"] == (14.0, True, "context")
+    assert found["same mode: xla (custom call) / floor"] == (0.5, True, "context")
+    assert found["same mode: ref. tf.function / fused tf.function"] == (12.5, False, "context")
+    assert found["reference XLA / fused"] == (7.0, True, "target")
+    fallback = [dict(r, label="xla (reference fallback)") if r["path"] == "xla_auto" else r
+                for r in rows]
+    found = {t["target"]: t["value"]
+             for t in report.targets(fallback, memory, base, [256, 512, 1024])}
+    assert found["same mode: reference XLA / xla (custom call)"] is None
 
 
 def test_layout_and_dtype_targets_prefer_times_from_the_same_rounds():
@@ -138,7 +154,7 @@ def quick_run(tmp_path_factory):
 def test_quick_bench_prints_every_table(quick_run):
     stdout, result, _ = quick_run
     for heading in ("Paths, 2x128x128x3", "Layout and dtype, 2x128x128x3", "Size sweep",
-                    "Variants", "Memory-bandwidth floor", "Targets at"):
+                    "Variants", "Memory-bandwidth floor", "Targets at", "Anatomy of one eager"):
         assert heading in stdout
     for spec in bp.PATHS.values():
         if spec.name != "xla_auto":
@@ -173,6 +189,7 @@ def test_quick_bench_json_is_complete_and_consistent(quick_run):
     assert all(f["bandwidth_GBps"] > 0 for f in result["floors"])
     assert {t["target"] for t in result["targets"]} >= {"fused fwd+bwd / floor",
                                                          "reference XLA / fused"}
+    assert set(result["anatomy"]["intervals_ms"]) == {n for n, _ in _bench_anatomy.INTERVALS}
     xla_auto = [r for r in rows if r["path"] == "xla_auto"]
     for r in xla_auto:  # the label follows the HLO's custom calls
         has_call = any("segloss" in t for t in r["custom_calls"])
@@ -226,3 +243,16 @@ def test_pytest_benchmark_suite_runs_small(tmp_path):
                       "seg_loss forward only 8x16x16x5 float32",
                       "fused seg_loss fwd+bwd variants 8x16x16x5"}
     assert all(b["stats"]["rounds"] >= 2 for b in data["benchmarks"])
+
+
+@needs_library
+def test_anatomy_times_every_phase_of_the_eager_step_and_unpatches():
+    from fused_segloss import _eager_fused, ops
+
+    library, jacobian = ops.library, _eager_fused._Traced.combine_with_jacobian
+    anatomy = _bench_anatomy.measure(bp.CaseShape(2, 16, 3), steps=3, warmup=1)
+    assert [name for name, _ in anatomy.intervals_ms] == [n for n, _ in _bench_anatomy.INTERVALS]
+    assert all(ms > 0 for _, ms in anatomy.intervals_ms)
+    assert anatomy.step_ms >= max(ms for _, ms in anatomy.intervals_ms)
+    assert ops.library is library and _eager_fused._Traced.combine_with_jacobian is jacobian
+    assert "outside the two ops" in _bench_anatomy.table(anatomy)

@@ -1,0 +1,113 @@
+"""Where one eager fused forward+backward step spends its time (the bench's "anatomy").
+
+The step is the bench's `fused` fwd_bwd step (seg_loss under a GradientTape, then
+tape.gradient). Timestamps are taken around the two ops and the compiled `combine` call of
+fused_segloss/_eager_fused.py, by wrapping them for the duration of the measurement, so
+every interval between two timestamps is either one of those calls or framework and Python
+work around them (argument checks, the tape). Each interval is reported as its median over
+the steps; the kernels' intervals include their op dispatch and output allocation.
+"""
+import time
+from typing import List, NamedTuple
+
+import numpy as np
+
+from . import _bench_paths as bp
+
+# (name of the interval, the mark that ends it); the first interval starts at the step.
+INTERVALS = (
+    ("checks and dispatch before the stats op", "stats call"),
+    ("stats op (forward pass)", "stats done"),
+    ("combine + Jacobian (one compiled call)", "combine done"),
+    ("recording, tape.gradient, until the gradient op", "grad call"),
+    ("gradient op (backward pass)", "grad done"),
+    ("tape.gradient returns, loss read", "end"),
+)
+_OPS = {"fused_segloss_stats": "stats", "fused_segloss_stats_grad": "grad"}
+
+
+class Anatomy(NamedTuple):
+    shape: bp.CaseShape
+    steps: int
+    step_ms: float                # median of the whole step
+    intervals_ms: List[tuple]     # (name, median ms), in step order
+
+
+class _Marked:
+    """ops.library() whose two ops append (mark, time) before and after each call."""
+
+    def __init__(self, library, marks):
+        self._library, self._marks = library, marks
+
+    def __getattr__(self, name):
+        op = getattr(self._library, name)
+        if name not in _OPS:
+            return op
+
+        def marked(*args, **kwargs):
+            self._marks.append((_OPS[name] + " call", time.perf_counter()))
+            out = op(*args, **kwargs)
+            self._marks.append((_OPS[name] + " done", time.perf_counter()))
+            return out
+        return marked
+
+
+def measure(shape: bp.CaseShape, steps: int, warmup: int = 3) -> Anatomy:
+    import fused_segloss
+    import tensorflow as tf
+
+    from . import _eager_fused, ops
+
+    if not _eager_fused.applicable({}):
+        raise RuntimeError("the eager fused path is not available here (op library missing?)")
+    x, z, w = bp.make_inputs(shape)
+    marks = []
+    library, get_jacobian = ops.library, _eager_fused._Traced.combine_with_jacobian
+
+    def marked_jacobian(traced):
+        combine = get_jacobian(traced)
+
+        def call(*args):
+            out = combine(*args)
+            marks.append(("combine done", time.perf_counter()))
+            return out
+        return call
+
+    marked_library = _Marked(library(), marks)
+    _eager_fused.ops.library = lambda: marked_library
+    _eager_fused._Traced.combine_with_jacobian = marked_jacobian
+    try:
+        durations, totals = [], []
+        for i in range(warmup + steps):
+            marks.clear()
+            start = time.perf_counter()
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = fused_segloss.seg_loss(x, z, w, data_format=shape.layout)
+            tape.gradient(loss, x)
+            loss.numpy()
+            marks.append(("end", time.perf_counter()))
+            if i < warmup:
+                continue
+            at = dict(marks)
+            if len(at) != len(marks) or set(at) != {m for _, m in INTERVALS}:
+                raise RuntimeError(f"unexpected call sequence in the eager step: {marks}")
+            ends = [at[m] for _, m in INTERVALS]
+            durations.append(np.diff([start] + ends))
+            totals.append(ends[-1] - start)
+    finally:
+        _eager_fused.ops.library = library
+        _eager_fused._Traced.combine_with_jacobian = get_jacobian
+    medians = np.median(np.array(durations), axis=0) * 1e3
+    return Anatomy(shape, steps, float(np.median(totals) * 1e3),
+                   [(name, float(ms)) for (name, _), ms in zip(INTERVALS, medians)])
+
+
+def table(anatomy: Anatomy) -> str:
+    kernels = sum(ms for name, ms in anatomy.intervals_ms if "op (" in name)
+    lines = [f"Anatomy of one eager fused forward+backward step, {anatomy.shape.describe()} "
+             f"(medians of {anatomy.steps} steps; whole step {anatomy.step_ms:.2f} ms, of "
+             f"which {anatomy.step_ms - kernels:.2f} ms outside the two ops)"]
+    for name, ms in anatomy.intervals_ms:
+        lines.append(f"  {name:<50}{ms:>8.3f} ms")
+    return "\n".join(lines)
