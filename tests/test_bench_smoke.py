@@ -94,20 +94,20 @@ def test_targets_compare_the_right_rows():
     # per element (N = 8*256²*5): 256² 2.5/N, 512² 10/4N = 2.5/N, 1024² 48/16N = 3/N -> 1.2
     assert found["fused time/element spread 256²-1024²"] == (pytest.approx(1.2), False)
     # the same-mode context rows: none measured here (no xla_auto / fused_function rows)
-    assert found["same mode: reference XLA / xla (custom call)"] == (None, None)
+    assert found["same mode: ref. XLA / xla custom call"] == (None, None)
     rows += [dict(r, label="xla (custom call)") for r in _rows({"xla_auto": 5.0})]
     rows += _rows({"fused_function": 8.0})
     found = {t["target"]: (t["value"], t["met"], t["kind"])
              for t in report.targets(rows, memory, base, [256, 512, 1024])}
-    assert found["same mode: reference XLA / xla (custom call)"] == (14.0, True, "context")
-    assert found["same mode: xla (custom call) / floor"] == (0.5, True, "context")
-    assert found["same mode: ref. tf.function / fused tf.function"] == (12.5, False, "context")
+    assert found["same mode: ref. XLA / xla custom call"] == (14.0, True, "context")
+    assert found["same mode: xla custom call / floor"] == (0.5, True, "context")
+    assert found["same mode: ref. tf.fn / fused tf.fn"] == (12.5, False, "context")
     assert found["reference XLA / fused"] == (7.0, True, "target")
     fallback = [dict(r, label="xla (reference fallback)") if r["path"] == "xla_auto" else r
                 for r in rows]
     found = {t["target"]: t["value"]
              for t in report.targets(fallback, memory, base, [256, 512, 1024])}
-    assert found["same mode: reference XLA / xla (custom call)"] is None
+    assert found["same mode: ref. XLA / xla custom call"] is None
 
 
 def test_layout_and_dtype_targets_prefer_times_from_the_same_rounds():
