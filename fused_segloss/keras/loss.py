@@ -82,7 +82,8 @@ class SegLoss(keras.losses.Loss):
     Options are those of `fused_segloss.seg_loss` (DESIGN §2.3/§2.4). Reductions:
 
     - "sum_over_batch_size" (default), "mean", "mean_with_sample_weight", "sum": the loss of
-      the whole batch, exactly `fused_segloss.seg_loss(y_pred, y_true, weights, ...)`. The
+      the whole batch, `fused_segloss.seg_loss(y_pred, y_true, weights, ...)` (bit for bit
+      inside a graph; eagerly within 2 ulp, as eager seg_loss runs `combine` XLA-compiled). The
       loss is already a mean (CE over weighted elements, Dice over classes), so there is no
       per-sample vector to sum or divide: every scalar reduction gives the same value.
       Under tf.distribute it is the loss of the *global* batch (see `_distribute`).
