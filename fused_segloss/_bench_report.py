@@ -217,8 +217,8 @@ def targets(rows, memory, base, sizes):
     xla_ms = xla and xla["median_ms"]
     context = [
         ("same mode: xla custom call / floor", xla and xla.get("x_floor"), "<=", 1.5),
-        ("same mode: ref. XLA / xla custom call", ratio(med("reference_xla", base),
-                                                                xla_ms), ">=", 6.0),
+        ("same mode: ref. XLA / xla custom call", ratio(med("reference_xla", base), xla_ms),
+         ">=", 6.0),
         ("same mode: ref. tf.fn / fused tf.fn",
          ratio(med("reference_function", base), med("fused_function", base)), ">=", 14.0),
     ]

@@ -101,14 +101,13 @@ class _Traced:
         self._calls = {}
 
     def _get(self, name, body, specs, jit_compile, direct=False):
-        key = (name, direct)
-        fn = self._calls.get(key)
+        fn = self._calls.get(name)
         if fn is None:
             options = self._options
             traced = tf.function(lambda *args: body(*args, options), autograph=False,
                                  jit_compile=jit_compile)
             fn = traced.get_concrete_function(*specs)
-            fn = self._calls[key] = _direct_call(fn) if direct else fn
+            fn = self._calls[name] = _direct_call(fn) if direct else fn
         return fn
 
     # Traced where the caller stands: the Jacobian's inner tape must be traced while the
