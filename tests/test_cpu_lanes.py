@@ -79,6 +79,61 @@ def test_invalid_labels_counted_once_in_partial_vectors(classes):
         core.stats(x, z, channels_last=True)
 
 
+# Every broadcast of the canonical weight view [Bw, Nw, Cw] ([Bw, Cw, Nw] channels_first):
+# each kernel path that resolves it (the map read in place, repeated across classes with
+# vector permutes, one value filled, one weight per class).
+BROADCASTS = {"full": (2, "n", "c"), "pixel": (2, "n", 1), "shared_map": (1, "n", 1),
+              "image": (2, 1, 1), "class": (1, 1, "c"), "image_class": (2, 1, "c")}
+
+
+def _canonical_weights(rng, kind, positions, classes, channels_last):
+    b, n, c = (positions if d == "n" else classes if d == "c" else d
+               for d in BROADCASTS[kind])
+    dims = (b, n, c) if channels_last else (b, c, n)
+    return rng.integers(0, 4, dims).astype(np.float32) * 0.5
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["last", "first"])
+@pytest.mark.parametrize("kind", sorted(BROADCASTS))
+def test_broadcast_weights_equal_their_expansion_bit_for_bit(kind, channels_last):
+    """However the kernel resolves a broadcast weight map, each element gets its own weight:
+    stats and gradient equal those of the explicitly expanded map exactly, for class counts
+    around the vector widths (repeat patterns of every phase, runs longer than a vector) and
+    position counts with ragged block ends."""
+    rng = np.random.default_rng(len(kind) * 2 + channels_last)
+    for classes in [1, 2, 3, 5, 7, 15, 16, 17, 40]:
+        for positions in [1, 3, 37, 7001]:
+            x, z, _, pw = make_case(rng, positions, classes, channels_last, None)
+            w = _canonical_weights(rng, kind, positions, classes, channels_last)
+            w_full = np.ascontiguousarray(np.broadcast_to(w, x.shape))
+            grad_stats = rng.normal(0.0, 1.0, (2, classes, 8)).astype(np.float32)
+            what = f"{kind} C={classes} N={positions}"
+            np.testing.assert_array_equal(
+                core.stats(x, z, w, pw, channels_last=channels_last),
+                core.stats(x, z, w_full, pw, channels_last=channels_last), err_msg=what)
+            np.testing.assert_array_equal(
+                core.logit_grad(x, z, w, pw, grad_stats, channels_last=channels_last),
+                core.logit_grad(x, z, w_full, pw, grad_stats, channels_last=channels_last),
+                err_msg=what)
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["last", "first"])
+@pytest.mark.parametrize("kind", ["pixel", "image", "class"])
+def test_an_invalid_broadcast_weight_counts_once_per_element_it_covers(kind, channels_last):
+    """The error counts elements with an invalid weight, as for the expanded map (and as the
+    GPU kernel counts them)."""
+    rng = np.random.default_rng(11)
+    classes, positions = 5, 1001
+    x, z, _, _ = make_case(rng, positions, classes, channels_last, None)
+    w = _canonical_weights(rng, kind, positions, classes, channels_last)
+    w.flat[0] = -1.0
+    covered = x.size // w.size
+    with pytest.raises(ValueError, match=rf"found {covered} negative, infinite or NaN"):
+        core.stats(x, z, w, channels_last=channels_last)
+    with pytest.raises(ValueError, match=rf"found {covered} negative, infinite or NaN"):
+        core.stats(x, z, np.broadcast_to(w, x.shape).copy(), channels_last=channels_last)
+
+
 def _intermediate_logits_step():
     @tf.function
     def step(features, labels):

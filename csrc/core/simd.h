@@ -179,6 +179,16 @@ template <int kParts>
 inline VecF<kParts> Reciprocal(VecF<kParts> d) {
   FSL_PARTS(VecF<kParts>, ReciprocalHw(d.part[i]));
 }
+#if defined(__AVX512F__)
+// v·2^n for integral n (segloss_math.h's ScaleByPowerOfTwo): vscalefps, exact like the
+// generic exponent-bits version.
+template <int kParts>
+inline VecF<kParts> ScaleByPowerOfTwo(VecF<kParts> v, VecF<kParts> n, VecI<kParts> /*n_int*/) {
+  FSL_PARTS(VecF<kParts>, reinterpret_cast<HwF>(_mm512_scalef_ps(
+                              reinterpret_cast<__m512>(v.part[i]), reinterpret_cast<__m512>(n.part[i]))));
+}
+#endif
+
 #undef FSL_PARTS
 
 }  // namespace fused_segloss
