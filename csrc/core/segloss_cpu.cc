@@ -113,8 +113,9 @@ int64_t CountInvalidWeights(const float* w, int64_t count) {
 // weighted forward pass and half of the weighted gradient (AVX-512, Zen 4, in cache).
 // When `invalid` is given it gets the number of invalid weights among the block's
 // elements (a broadcast value counts once per element it covers, as on the GPU).
-const float* BlockWeights(const SeglossProblem& p, const WeightStrides& strides, const Item& item,
-                          int64_t offset, int64_t count, float* buffer, int64_t* invalid) {
+const float* BlockWeights(const SeglossProblem& p, const WeightStrides& strides,
+                          const Item& item, int64_t offset, int64_t count, float* buffer,
+                          int64_t* invalid) {
   const ProblemShape& s = p.shape;
   const int64_t classes = s.channels_last ? s.classes : 1;
   const int64_t positions = count / classes;
@@ -493,7 +494,9 @@ std::string GradImpl(const SeglossProblem& p, const float* grad_stats,
       for (int64_t offset = 0; offset < span.count; offset += block) {
         const int64_t n = std::min(block, span.count - offset);
         const float* w = nullptr;
-        if constexpr (kWeighted) w = BlockWeights(p, strides, item, offset, n, w_buf.data(), nullptr);
+        if constexpr (kWeighted) {
+          w = BlockWeights(p, strides, item, offset, n, w_buf.data(), /*invalid=*/nullptr);
+        }
         const int64_t at = span.base + offset;
         GradientBlock<Compute, kSquared, kWeighted>(logits + at, labels + at, w, n, geo,
                                                     pattern.data(), out + at);

@@ -185,7 +185,8 @@ inline VecF<kParts> Reciprocal(VecF<kParts> d) {
 template <int kParts>
 inline VecF<kParts> ScaleByPowerOfTwo(VecF<kParts> v, VecF<kParts> n, VecI<kParts> /*n_int*/) {
   FSL_PARTS(VecF<kParts>, reinterpret_cast<HwF>(_mm512_scalef_ps(
-                              reinterpret_cast<__m512>(v.part[i]), reinterpret_cast<__m512>(n.part[i]))));
+                              reinterpret_cast<__m512>(v.part[i]),
+                              reinterpret_cast<__m512>(n.part[i]))));
 }
 #endif
 
