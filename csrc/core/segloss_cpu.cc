@@ -107,7 +107,7 @@ int64_t CountInvalidWeights(const float* w, int64_t count) {
 // The block's `count` weights (broadcast resolved), in element order. Blocks start at a
 // position boundary (their offset is a multiple of the period, itself a multiple of C).
 // Where the map's values for the block are contiguous (a full map; channels_first broadcast
-// over classes) the map itself is returned; a map broadcast over the classes of
+// over classes; C = 1) the map itself is returned; a map broadcast over the classes of
 // channels_last data is expanded into `buffer` with vector permutes; other broadcasts
 // fill `buffer` element by element. Why: the element-by-element fill was 31% of the
 // weighted forward pass and half of the weighted gradient (AVX-512, Zen 4, in cache).
@@ -122,8 +122,10 @@ const float* BlockWeights(const SeglossProblem& p, const WeightStrides& strides,
   const int64_t first = item.begin + offset / classes;
   const float* row =
       p.weights + WeightIndex(strides, item.batch, first, s.channels_last ? 0 : item.klass);
-  const bool per_element = s.channels_last ? strides.klass == 1 && strides.position == classes
-                                           : strides.position == 1;
+  // (channels_last with C = 1 has class stride 0 and position stride 1: in place too)
+  const bool per_element =
+      s.channels_last ? strides.position == classes && (strides.klass == 1 || classes == 1)
+                      : strides.position == 1;
   const bool per_position = s.channels_last && strides.klass == 0 && strides.position == 1;
   const bool one_value = strides.position == 0 && (!s.channels_last || strides.klass == 0);
   const float* values = buffer;
