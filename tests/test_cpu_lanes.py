@@ -219,3 +219,33 @@ def test_bfloat16_gradient_is_the_float32_gradient_rounded_to_nearest_even(class
     assert nan.sum() >= 5
     np.testing.assert_array_equal(np.isnan(tf.cast(got, tf.float32).numpy()), nan)
     np.testing.assert_array_equal(got_bits[~nan], want_bits[~nan])
+
+
+def _bfloat16_bits_rne(values):
+    """float32 -> bfloat16 bits, round to nearest even, in integer NumPy (subnormals kept)."""
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("classes", [1, 5, 17])
+def test_bfloat16_gradient_keeps_float32_subnormals(classes):
+    """The bfloat16 store's fast path (one conversion instruction with AVX-512 BF16) reads a
+    subnormal float32 as 0, so vectors holding one take the integer rounding instead. The
+    NumPy-called core runs without TF's flush-to-zero, so tiny upstream gradients make
+    subnormal float32 gradients here: each must round like any other value, never to 0."""
+    rng = np.random.default_rng(classes)
+    shape = (2, 300, classes)
+    x = rng.normal(0.0, 3.0, shape).astype(np.float32)
+    z = (rng.random(shape) < 0.4).astype(np.float32)
+    # |upstream| ~ 1e-38: products with the O(1) derivatives land below 2^-126 = 1.2e-38.
+    upstream = (rng.uniform(0.2, 1.0, (2, classes, 8)) * 1e-38).astype(np.float32)
+    bf16 = tf.bfloat16.as_numpy_dtype
+    x_bf16 = x.astype(bf16)
+    want = core.logit_grad(x_bf16.astype(np.float32), z, grad_stats=upstream)
+    subnormal = (want != 0) & (np.abs(want) < np.finfo(np.float32).tiny)
+    assert subnormal.mean() > 0.5, "the case must exercise subnormal gradients"
+    got = core.logit_grad(x_bf16, z, grad_stats=upstream)
+    assert got.dtype == bf16
+    np.testing.assert_array_equal(got.view(np.uint16), _bfloat16_bits_rne(want))
+    # and the bulk of them stay nonzero in bfloat16 (its exponent range is float32's)
+    assert np.count_nonzero(got.view(np.uint16)[subnormal] & 0x7FFF) > 0.9 * subnormal.sum()

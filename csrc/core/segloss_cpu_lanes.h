@@ -166,6 +166,19 @@ inline HwI BFloat16Bits(HwF v) {
 }
 
 inline void StoreHw(HwF v, BFloat16* p) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+  // vcvtneps2bf16 rounds to nearest even and quiets NaN exactly as FromCompute<BFloat16>,
+  // but reads a subnormal float as 0. TF's threads flush subnormal results, so such lanes
+  // are rare (other callers may not): a vector with one (vfpclassps, class bit 5) takes the
+  // integer rounding below. The gradient with bfloat16 logits in cache (Zen 4, 655k
+  // elements): 0.69 -> 0.61 ns per element; the rounding and narrowing were 11 instructions.
+  const __m512 f = reinterpret_cast<__m512>(v);
+  if (__builtin_expect(_mm512_fpclass_ps_mask(f, 0x20) == 0, 1)) {
+    const __m256bh narrow = _mm512_cvtneps_pbh(f);
+    std::memcpy(p, &narrow, sizeof(narrow));
+    return;
+  }
+#endif
 #if defined(__AVX512F__)  // one vpmovdw (the bits are in [0, 65535]: truncation is exact)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtepi32_epi16(reinterpret_cast<__m512i>(BFloat16Bits(v))));
