@@ -232,7 +232,9 @@ def test_bfloat16_gradient_keeps_float32_subnormals(classes):
     """The bfloat16 store's fast path (one conversion instruction with AVX-512 BF16) reads a
     subnormal float32 as 0, so vectors holding one take the integer rounding instead. The
     NumPy-called core runs without TF's flush-to-zero, so tiny upstream gradients make
-    subnormal float32 gradients here: each must round like any other value, never to 0."""
+    subnormal float32 gradients here: each must round like any other value, never to 0.
+    C = 1 and 5 store whole vectors; C = 17 ends every row in a partial vector, stored lane
+    by lane."""
     rng = np.random.default_rng(classes)
     shape = (2, 300, classes)
     x = rng.normal(0.0, 3.0, shape).astype(np.float32)
