@@ -120,3 +120,30 @@ def test_core_module_stats_match_numpy(options, data_format, problem, check):
                             threads=threads)
         assert stats.dtype == np.float32 and stats.shape == expected.shape
         check.stats(stats, expected, check.dtype_name(prob.logits), what=f"threads={threads}")
+
+
+@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
+def test_confident_cross_entropy_keeps_its_small_terms(data_format):
+    """Without pos_weight the forward pass uses ce = (max(x, 0) - z·x) + log1p(exp(-|x|))
+    (segloss_math.h). Every element here is confidently right (|x| in [8, 30], label 1 for
+    x > 0 and 0 for x < 0), so each ce is about exp(-|x|) and the sum is tiny. A
+    form that subtracts after adding the log term, e.g. softplus(x) - z·x, rounds most of
+    those terms to 0 at float32 (ulp(30) = 1.9e-6 against exp(-30) = 9e-14). The sums must
+    match float64 NumPy closely, with pos_weight omitted (the short form) and given as ones
+    (the general form)."""
+    from fused_segloss import _core
+
+    rng = np.random.default_rng(7)
+    shape = (2, 4099, 3)  # odd positions: partial vectors at row ends too
+    magnitude = rng.uniform(8.0, 30.0, shape)
+    positive = rng.random(shape) < 0.5
+    x = np.where(positive, magnitude, -magnitude).astype(np.float32)
+    z = positive.astype(np.float32)
+    if data_format == "channels_first":
+        x, z = np.ascontiguousarray(x.transpose(0, 2, 1)), np.ascontiguousarray(z.transpose(0, 2, 1))
+    expected = npref.stats(x.astype(np.float64), z.astype(np.float64), data_format=data_format)
+    for pos_weight in (None, np.ones(3, np.float32)):
+        stats = _core.stats(x, z, None, pos_weight, channels_last=data_format == "channels_last",
+                            squared=False, threads=1)
+        np.testing.assert_allclose(stats[..., npref.CE_SUM], expected[..., npref.CE_SUM],
+                                   rtol=1e-5, err_msg=f"pos_weight={pos_weight}")

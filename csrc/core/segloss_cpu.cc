@@ -172,6 +172,15 @@ const float* WeightsAt(const float* w, int64_t i) {
   return kWeighted ? w + i : nullptr;
 }
 
+// The streams of a vector's logits, labels and (when weighted) weights, prefetched ahead
+// (segloss_cpu_lanes.h).
+template <int kWidth, bool kWeighted, typename LogitT, typename LabelT>
+void PrefetchInputs(const LogitT* x, const LabelT* z, const float* w) {
+  PrefetchAhead<kWidth>(x);
+  PrefetchAhead<kWidth>(z);
+  if constexpr (kWeighted) PrefetchAhead<kWidth>(w);
+}
+
 template <typename Vec>
 auto MaskOfFirst(int count) {
   return FirstLanes(count, static_cast<Vec*>(nullptr));
@@ -207,9 +216,9 @@ struct Contribution {
 };
 
 template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename LogitT,
-          typename LabelT>
-FSL_HD void ElementTerms(const LogitT* x, const LabelT* z, const float* w, Vec pos_weight,
-                         int lanes, Contribution<Vec>& out) {
+          typename LabelT, typename PosWeight>
+FSL_HD void ElementTerms(const LogitT* x, const LabelT* z, const float* w,
+                         PosWeight pos_weight, int lanes, Contribution<Vec>& out) {
   const Vec zero(0.0f);
   const ElementInputs<Vec> in = LoadInputs<Vec, kWeighted, kPartial>(x, z, w, lanes);
   ForwardTerms<Vec, kSquared>(in.x, in.z, in.w, pos_weight, out.terms);
@@ -224,10 +233,11 @@ FSL_HD void ElementTerms(const LogitT* x, const LabelT* z, const float* w, Vec p
 // The terms of a partial vector (row ends only): kept out of line, so that each kernel
 // instantiation holds one inlined copy of the per-element math for full vectors and one
 // call for the rare partial ones (code size and build time, notably under sanitizers).
-template <typename Vec, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
+template <typename Vec, bool kSquared, bool kWeighted, typename LogitT, typename LabelT,
+          typename PosWeight>
 __attribute__((noinline)) void PartialElementTerms(const LogitT* x, const LabelT* z,
-                                                   const float* w, Vec pos_weight, int lanes,
-                                                   Contribution<Vec>& out) {
+                                                   const float* w, PosWeight pos_weight,
+                                                   int lanes, Contribution<Vec>& out) {
   ElementTerms<Vec, kSquared, kWeighted, true>(x, z, w, pos_weight, lanes, out);
 }
 
@@ -264,7 +274,8 @@ int64_t CountInvalidLabels(const LabelT* z, int64_t count) {
 // vectors are inlined; row ends go through the out-of-line partial function, in a separate
 // statement so that the inlined terms never have their address taken (that made GCC keep
 // them all on the stack).
-template <typename Compute, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
+template <typename Compute, bool kSquared, bool kWeighted, bool kPosWeighted, typename LogitT,
+          typename LabelT>
 int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_t count,
                         const RowGeometry& g, const Compute* pos_weight_lanes,
                         typename Lanes<Compute, kForwardParts>::Vec* acc, double* lane_sums) {
@@ -274,11 +285,18 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
   MaskOf<Vec> any_invalid = Vec(0.0f) > Vec(0.0f);
   const int64_t full_vectors = g.period / kWidth;
   const int tail_lanes = static_cast<int>(g.period % kWidth);
+  // The pos_weight lanes of vector v of a row, or UnitPosWeight (not loaded) without them.
+  auto pos_weight_at = [&](int64_t v) {
+    if constexpr (kPosWeighted) {
+      return Load<Vec>(pos_weight_lanes + v * kWidth);
+    } else {
+      return UnitPosWeight{};
+    }
+  };
   auto partial = [&](int64_t i, int64_t v, int lanes) {
     Contribution<Vec> c;
     PartialElementTerms<Vec, kSquared, kWeighted>(x + i, z + i, WeightsAt<kWeighted>(w, i),
-                                                  Load<Vec>(pos_weight_lanes + v * kWidth),
-                                                  lanes, c);
+                                                  pos_weight_at(v), lanes, c);
     AddTerms<Vec, kWeighted>(acc + v * kNumStats, c, any_invalid);
   };
   const int64_t full_rows = count / g.period, rest = count % g.period;
@@ -286,10 +304,10 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
     const int64_t row = r * g.period;
     for (int64_t v = 0; v < full_vectors; ++v) {
       const int64_t i = row + v * kWidth;
+      PrefetchInputs<kWidth, kWeighted>(x + i, z + i, WeightsAt<kWeighted>(w, i));
       Contribution<Vec> c;
       ElementTerms<Vec, kSquared, kWeighted, false>(x + i, z + i, WeightsAt<kWeighted>(w, i),
-                                                    Load<Vec>(pos_weight_lanes + v * kWidth),
-                                                    kWidth, c);
+                                                    pos_weight_at(v), kWidth, c);
       AddTerms<Vec, kWeighted>(acc + v * kNumStats, c, any_invalid);
     }
     if (tail_lanes > 0) partial(row + full_vectors * kWidth, full_vectors, tail_lanes);
@@ -361,6 +379,8 @@ void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t cou
       if (lane0 >= row_count) break;
       const int64_t i = row + lane0;
       if (lane0 + kWidth <= row_count) {
+        PrefetchInputs<kWidth, kWeighted>(x + i, z + i, WeightsAt<kWeighted>(w, i));
+        PrefetchAhead<kWidth>(out + i, /*for_write=*/true);
         GradientElements<Vec, kSquared, kWeighted, false>(
             x + i, z + i, WeightsAt<kWeighted>(w, i),
             LoadPattern<Vec>(pattern_lanes, g.padded, lane0), kWidth, out + i);
@@ -385,7 +405,7 @@ std::string CountsError(const Counts& counts) {
   return InvalidValuesMessage(counts.invalid_labels, counts.invalid_weights);
 }
 
-template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted>
+template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted, bool kPosWeighted>
 std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, float* stats) {
   using Compute = typename ComputeTypeOf<LogitT>::type;
   const ProblemShape& s = p.shape;
@@ -402,15 +422,17 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
   auto run_items = [&](int64_t first, int64_t last) {
     const int64_t block = geo.block_rows * geo.period;
     std::vector<float> w_buf(kWeighted ? block : 0);
-    std::vector<Compute> pos_weight(geo.padded, Compute(0));
+    std::vector<Compute> pos_weight(kPosWeighted ? geo.padded : 0, Compute(0));
     std::vector<double> lane_sums(kNumStats * geo.padded);
     std::vector<typename Lanes<Compute, kForwardParts>::Vec> acc(geo.vectors * kNumStats);
     for (int64_t index = first; index < last; ++index) {
       const Item item = ItemAt(s, plan, index);
       const ItemSpan span = SpanOf(s, item);
-      ForEachLaneClass(s, item, geo.period, [&](int64_t j, int64_t c) {
-        pos_weight[j] = p.pos_weight ? Compute(p.pos_weight[c]) : Compute(1);
-      });
+      if constexpr (kPosWeighted) {
+        ForEachLaneClass(s, item, geo.period, [&](int64_t j, int64_t c) {
+          pos_weight[j] = p.pos_weight ? Compute(p.pos_weight[c]) : Compute(1);
+        });
+      }
       std::fill(lane_sums.begin(), lane_sums.end(), 0.0);
       Counts& counts = item_counts[index];
       for (int64_t offset = 0; offset < span.count; offset += block) {
@@ -424,7 +446,7 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
           counts.invalid_weights += invalid;
         }
         if (p.check_numerics) counts.nonfinite_logits += CountNonFinite(x, n);
-        counts.invalid_labels += AccumulateBlock<Compute, kSquared, kWeighted>(
+        counts.invalid_labels += AccumulateBlock<Compute, kSquared, kWeighted, kPosWeighted>(
             x, z, w, n, geo, pos_weight.data(), acc.data(), lane_sums.data());
       }
       // Lanes -> the item's classes, C lanes at a time (the period is a multiple of C
@@ -560,8 +582,19 @@ std::string WithVariant(const SeglossProblem& p, Fn&& fn) {
 template <typename LogitT, typename LabelT>
 struct StatsFn {
   static std::string Run(const SeglossProblem& p, const ParallelFor& pf, float* stats) {
+    // Without pos_weight the forward takes the short cross-entropy (segloss_math.h), a
+    // compile-time variant of its own (the gradient's saving would be one operation). Not
+    // for float64 logits, whose one-lane loop is bound by its library exp and log1p: the
+    // variant would add build time (the core's largest file) and no measurable speed.
+    constexpr bool kShortCrossEntropy =
+        !std::is_same_v<typename ComputeTypeOf<LogitT>::type, double>;
     return WithVariant(p, [&](auto squared, auto weighted) {
-      return StatsImpl<LogitT, LabelT, squared.value, weighted.value>(p, pf, stats);
+      if constexpr (kShortCrossEntropy) {
+        if (p.pos_weight == nullptr) {
+          return StatsImpl<LogitT, LabelT, squared.value, weighted.value, false>(p, pf, stats);
+        }
+      }
+      return StatsImpl<LogitT, LabelT, squared.value, weighted.value, true>(p, pf, stats);
     });
   }
 };

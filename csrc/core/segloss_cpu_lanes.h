@@ -147,6 +147,31 @@ inline VecMask<kParts> FirstLanes(int count, VecF<kParts>*) {
 inline bool FirstLanes(int count, double*) { return count > 0; }
 
 // ---------------------------------------------------------------------------------------
+// Software prefetch of the streams a loop walks, kPrefetchBytes ahead of the vector it is
+// on. Why: the hardware prefetchers do not cross 4 KiB pages, and the inputs are tensors the
+// caller allocated, usually in 4 KiB pages, so every page of every stream started with a
+// miss. Measured with the C++ harness (Zen 4, 8x512x512x5 float32, out of cache, best of
+// interleaved rounds): forward 1 thread 9.24 -> 8.98 ms, 2 threads 5.41 -> 4.83 ms;
+// gradient (with the write prefetch of its output) 1 thread 7.33 -> 6.44 ms; in cache
+// about 1% slower (the extra instructions). 1 and 4 KiB ahead measured no better than 2.
+// The address is formed as an integer: it may lie past the buffer, which a prefetch never
+// faults on but pointer arithmetic must not reach.
+constexpr uintptr_t kPrefetchBytes = 2048;
+
+template <int kLanes, typename Storage>
+inline void PrefetchAhead(const Storage* p, bool for_write = false) {
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchBytes;
+  for (uintptr_t b = 0; b < kLanes * sizeof(Storage); b += 64) {
+    const void* line = reinterpret_cast<const void*>(ahead + b);
+    if (for_write) {
+      __builtin_prefetch(line, 1);
+    } else {
+      __builtin_prefetch(line, 0);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Stores of the gradient in the logits' dtype.
 template <typename Storage>
 inline void StoreVec(double v, Storage* p) { *p = FromCompute<Storage>::Convert(v); }

@@ -175,18 +175,39 @@ FSL_HD SigmoidParts<T> ComputeSigmoidParts(T x) {
   return s;
 }
 
-// The eight statistics contributions of one element (DESIGN §2.1 table).
-template <typename T, bool kSquared>
-FSL_HD void ForwardTerms(T x, T z, T w, T pos_weight, T out[kNumStats]) {
+// The pos_weight of a call that gave none (every class 1), as a type: the CPU forward pass
+// is instantiated for it and takes the short cross-entropy below.
+struct UnitPosWeight {};
+
+// ce from positive_part = max(x, 0) and l = log1p(e): softplus(x) = max(x, 0) + l and
+// softplus(-x) = max(-x, 0) + l, where max(-x, 0) is max(x, 0) - x exactly (one of the two
+// terms is 0).
+template <typename T>
+FSL_HD T CrossEntropy(T x, T z, T pos_weight, T positive_part, T log_term) {
+  const T softplus_pos = positive_part + log_term;
+  const T softplus_neg = (positive_part - x) + log_term;
+  return pos_weight * z * softplus_neg + (T(1) - z) * softplus_pos;
+}
+
+// pw = 1: ce = z·softplus(-x) + (1-z)·softplus(x) = (max(x, 0) - z·x) + l, since
+// z·(max(x, 0) - x) + (1-z)·max(x, 0) = max(x, 0) - z·x. That difference equals
+// (1-z)·max(x, 0) + z·max(-x, 0), a sum of non-negative terms, so its one rounding (a fused
+// multiply-add) loses nothing; for labels 0 and 1 it is exact, and ce is bit for bit the
+// general form's. 3 vector operations instead of 8: the forward pass 5% faster in cache
+// (Zen 4, 655k elements, 0.519 -> 0.494 ms).
+template <typename T>
+FSL_HD T CrossEntropy(T x, T z, UnitPosWeight, T positive_part, T log_term) {
+  return MulAdd(-z, x, positive_part) + log_term;
+}
+
+// The eight statistics contributions of one element (DESIGN §2.1 table). PosWeight is T
+// (the class's pos_weight) or UnitPosWeight.
+template <typename T, bool kSquared, typename PosWeight>
+FSL_HD void ForwardTerms(T x, T z, T w, PosWeight pos_weight, T out[kNumStats]) {
   const SigmoidParts<T> s = ComputeSigmoidParts(x);
   const T log_term = Log1pUnit(s.e);
   const T zero(0);
-  // softplus(x) = max(x, 0) + l and softplus(-x) = max(-x, 0) + l, where max(-x, 0) is
-  // max(x, 0) - x exactly (one of the two terms is 0).
-  const T positive_part = Max(x, zero);
-  const T softplus_pos = positive_part + log_term;
-  const T softplus_neg = (positive_part - x) + log_term;
-  const T ce = pos_weight * z * softplus_neg + (T(1) - z) * softplus_pos;
+  const T ce = CrossEntropy(x, z, pos_weight, Max(x, zero), log_term);
   const auto pred_hard = x > zero;
   const auto label_hard = z >= T(0.5f);
   const T wz = w * z;
