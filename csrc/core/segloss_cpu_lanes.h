@@ -138,10 +138,8 @@ inline Vec LoadPartial(const Storage* p, int count) {
 // Lanes [0, count) set.
 template <int kParts>
 inline VecMask<kParts> FirstLanes(int count, VecF<kParts>*) {
-  HwI index;
-  for (int i = 0; i < kHardwareLanes; ++i) index[i] = i;
   VecMask<kParts> m;
-  for (int i = 0; i < kParts; ++i) m.part[i] = index + i * kHardwareLanes < count;
+  for (int i = 0; i < kParts; ++i) m.part[i] = FirstLanesHw(count - i * kHardwareLanes);
   return m;
 }
 inline bool FirstLanes(int count, double*) { return count > 0; }
@@ -343,12 +341,9 @@ inline void RepeatEach(const float* src, int64_t repeats, int64_t count, float* 
 inline bool AnyLane(bool b) { return b; }
 template <int kParts>
 inline bool AnyLane(VecMask<kParts> m) {
-  HwI any = m.part[0];
+  HwMask any = m.part[0];
   for (int i = 1; i < kParts; ++i) any |= m.part[i];
-  for (int i = 0; i < kHardwareLanes; ++i) {
-    if (any[i] != 0) return true;
-  }
-  return false;
+  return AnyHw(any);
 }
 
 }  // namespace fused_segloss

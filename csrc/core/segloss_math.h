@@ -200,6 +200,13 @@ FSL_HD T CrossEntropy(T x, T z, UnitPosWeight, T positive_part, T log_term) {
   return MulAdd(-z, x, positive_part) + log_term;
 }
 
+// The hard counts' thresholds: the prediction is positive when x > 0 (p > 0.5), the label
+// when z >= 0.5 (masks for vectors, bools for scalars).
+template <typename T>
+FSL_HD auto PredictedPositive(T x) { return x > T(0); }
+template <typename T>
+FSL_HD auto LabelPositive(T z) { return z >= T(0.5f); }
+
 // The eight statistics contributions of one element (DESIGN §2.1 table). PosWeight is T
 // (the class's pos_weight) or UnitPosWeight.
 template <typename T, bool kSquared, typename PosWeight>
@@ -208,8 +215,8 @@ FSL_HD void ForwardTerms(T x, T z, T w, PosWeight pos_weight, T out[kNumStats]) 
   const T log_term = Log1pUnit(s.e);
   const T zero(0);
   const T ce = CrossEntropy(x, z, pos_weight, Max(x, zero), log_term);
-  const auto pred_hard = x > zero;
-  const auto label_hard = z >= T(0.5f);
+  const auto pred_hard = PredictedPositive(x);
+  const auto label_hard = LabelPositive(z);
   const T wz = w * z;
   out[kCeSum] = w * ce;
   out[kWeightSum] = w;

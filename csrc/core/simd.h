@@ -88,9 +88,56 @@ inline HwF ReciprocalHw(HwF d) {
   for (int i = 0; i < kParts; ++i) r.part[i] = expr; \
   return r
 
+// Per-lane masks. With AVX-512 they live in mask registers, one bit per lane: comparisons
+// produce them and blends and masked adds consume them. As vectors (how GCC represents the
+// comparisons of vector extensions) each use cost a move into a vector register, and a
+// masked add a test back into a mask register. With mask registers the forward's inner
+// loop is 143 instructions per two vectors, against 154 with blends and plain adds (GCC 12,
+// float32 without weights), and the sums are the same bit for bit. Elsewhere a mask is a
+// vector of all-ones or all-zeros lanes.
+#if defined(__AVX512F__)
+typedef __mmask16 HwMask;
+inline HwMask LessHw(HwF a, HwF b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+inline HwMask LessEqualHw(HwF a, HwF b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ); }
+inline HwF BlendHw(HwMask c, HwF a, HwF b) {  // c ? a : b
+  return reinterpret_cast<HwF>(
+      _mm512_mask_blend_ps(c, reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(a)));
+}
+inline HwF AddWhereHw(HwMask m, HwF a, HwF b) {  // m ? a + b : a
+  return reinterpret_cast<HwF>(_mm512_mask_add_ps(
+      reinterpret_cast<__m512>(a), m, reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b)));
+}
+inline HwMask NotHw(HwMask m) { return static_cast<HwMask>(~m); }
+inline HwMask FirstLanesHw(int count) {  // lanes [0, count) of this hardware vector
+  const int n = count < 0 ? 0 : (count > kHardwareLanes ? kHardwareLanes : count);
+  return static_cast<HwMask>((1u << n) - 1u);
+}
+inline bool AnyHw(HwMask m) { return m != 0; }
+#else
+typedef HwI HwMask;
+inline HwMask LessHw(HwF a, HwF b) { return a < b; }
+inline HwMask LessEqualHw(HwF a, HwF b) { return a <= b; }
+inline HwF BlendHw(HwMask c, HwF a, HwF b) {  // a bitwise blend: c ? a : b
+  return AsFloat((c & AsInt(a)) | (~c & AsInt(b)));
+}
+inline HwF AddWhereHw(HwMask m, HwF a, HwF b) { return a + AsFloat(m & AsInt(b)); }
+inline HwMask NotHw(HwMask m) { return ~m; }
+inline HwMask FirstLanesHw(int count) {
+  HwI index;
+  for (int i = 0; i < kHardwareLanes; ++i) index[i] = i;
+  return index < count;
+}
+inline bool AnyHw(HwMask m) {
+  for (int i = 0; i < kHardwareLanes; ++i) {
+    if (m[i] != 0) return true;
+  }
+  return false;
+}
+#endif
+
 template <int kParts>
-struct VecMask {  // all-ones or all-zeros per lane
-  HwI part[kParts];
+struct VecMask {  // one HwMask per part
+  HwMask part[kParts];
 };
 
 template <int kParts>
@@ -126,15 +173,25 @@ struct VecF {
 FSL_VEC_BINARY(VecF, VecF, +)
 FSL_VEC_BINARY(VecF, VecF, -)
 FSL_VEC_BINARY(VecF, VecF, *)
-FSL_VEC_BINARY(VecMask, VecF, <)
-FSL_VEC_BINARY(VecMask, VecF, <=)
-FSL_VEC_BINARY(VecMask, VecF, >)
-FSL_VEC_BINARY(VecMask, VecF, >=)
 FSL_VEC_BINARY(VecMask, VecMask, &)
 FSL_VEC_BINARY(VecMask, VecMask, |)
 FSL_VEC_BINARY(VecI, VecI, +)
 FSL_VEC_BINARY(VecI, VecI, -)
 #undef FSL_VEC_BINARY
+
+// Comparisons: false where either side is NaN (ordered), as the scalar operators.
+template <int kParts>
+inline VecMask<kParts> operator<(VecF<kParts> a, VecF<kParts> b) {
+  FSL_PARTS(VecMask<kParts>, LessHw(a.part[i], b.part[i]));
+}
+template <int kParts>
+inline VecMask<kParts> operator<=(VecF<kParts> a, VecF<kParts> b) {
+  FSL_PARTS(VecMask<kParts>, LessEqualHw(a.part[i], b.part[i]));
+}
+template <int kParts>
+inline VecMask<kParts> operator>(VecF<kParts> a, VecF<kParts> b) { return b < a; }
+template <int kParts>
+inline VecMask<kParts> operator>=(VecF<kParts> a, VecF<kParts> b) { return b <= a; }
 
 // Mixed vector/scalar forms used by the generic math (the scalar is broadcast).
 template <int kParts>
@@ -149,7 +206,7 @@ template <int kParts>
 inline VecF<kParts>& operator+=(VecF<kParts>& a, VecF<kParts> b) { return a = a + b; }
 
 template <int kParts>
-inline VecMask<kParts> Not(VecMask<kParts> m) { FSL_PARTS(VecMask<kParts>, ~m.part[i]); }
+inline VecMask<kParts> Not(VecMask<kParts> m) { FSL_PARTS(VecMask<kParts>, NotHw(m.part[i])); }
 inline bool Not(bool b) { return !b; }
 
 template <int kParts>
@@ -157,11 +214,10 @@ inline VecI<kParts> FloatBits(VecF<kParts> f) { FSL_PARTS(VecI<kParts>, AsInt(f.
 template <int kParts>
 inline VecF<kParts> BitsToFloat(VecI<kParts> v) { FSL_PARTS(VecF<kParts>, AsFloat(v.part[i])); }
 
-// Lane-wise c ? a : b (a bitwise blend; a NaN in the unselected operand does not leak).
+// Lane-wise c ? a : b (a blend; a NaN in the unselected operand does not leak).
 template <int kParts>
 inline VecF<kParts> Select(VecMask<kParts> c, VecF<kParts> a, VecF<kParts> b) {
-  FSL_PARTS(VecF<kParts>,
-            AsFloat((c.part[i] & AsInt(a.part[i])) | (~c.part[i] & AsInt(b.part[i]))));
+  FSL_PARTS(VecF<kParts>, BlendHw(c.part[i], a.part[i], b.part[i]));
 }
 template <int kParts>
 inline VecF<kParts> Abs(VecF<kParts> x) {
@@ -179,6 +235,14 @@ template <int kParts>
 inline VecF<kParts> Reciprocal(VecF<kParts> d) {
   FSL_PARTS(VecF<kParts>, ReciprocalHw(d.part[i]));
 }
+// m ? a + b : a per lane: one masked add with AVX-512 (a blend of a + b and a compiled to
+// an add and two xors, and a + (m ? b : 0) to a zeroing move and an add; GCC 12).
+template <int kParts>
+inline VecF<kParts> AddWhere(VecMask<kParts> m, VecF<kParts> a, VecF<kParts> b) {
+  FSL_PARTS(VecF<kParts>, AddWhereHw(m.part[i], a.part[i], b.part[i]));
+}
+inline double AddWhere(bool m, double a, double b) { return m ? a + b : a; }
+
 #if defined(__AVX512F__)
 // v·2^n for integral n (segloss_math.h's ScaleByPowerOfTwo): vscalefps, exact like the
 // generic exponent-bits version.
