@@ -120,7 +120,9 @@ inline HwMask LessEqualHw(HwF a, HwF b) { return a <= b; }
 inline HwF BlendHw(HwMask c, HwF a, HwF b) {  // a bitwise blend: c ? a : b
   return AsFloat((c & AsInt(a)) | (~c & AsInt(b)));
 }
-inline HwF AddWhereHw(HwMask m, HwF a, HwF b) { return a + AsFloat(m & AsInt(b)); }
+// a - (m ? -b : +0): subtracting +0 leaves every a as it is, -0 included (adding +0 would
+// turn -0 into +0), and a - (-b) is a + b exactly. (-b is hoisted where b is constant.)
+inline HwF AddWhereHw(HwMask m, HwF a, HwF b) { return a - AsFloat(m & AsInt(-b)); }
 inline HwMask NotHw(HwMask m) { return ~m; }
 inline HwMask FirstLanesHw(int count) {
   HwI index;
