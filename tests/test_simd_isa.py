@@ -58,7 +58,7 @@ def _run(tmp_path, name, flags, a, b):
     return run.stdout
 
 
-def _parse(out, n):
+def _parse(out):
     results, any_lane, width = {}, {}, None
     for line in out.splitlines():
         parts = line.split()
@@ -92,7 +92,7 @@ def test_mask_operations_match_numpy(tmp_path, name, flags, needs):
     if missing:
         pytest.skip(f"this CPU lacks {', '.join(missing)}")
     a, b = _inputs()
-    arrays, any_lane, width = _parse(_run(tmp_path, name, flags, a, b), len(a))
+    arrays, any_lane, width = _parse(_run(tmp_path, name, flags, a, b))
     assert width == {"sse2": 8, "avx2": 16, "avx512": 32}[name]
     for key, want in _expected(a, b).items():
         got = arrays[key][:len(a)]
