@@ -177,6 +177,20 @@ def linearity(rows, base, sizes):
     return max(per_element) / min(per_element) if len(per_element) >= 2 else None
 
 
+def marginal_linearity(rows, base, sizes):
+    """max / min of the added time per added element between consecutive sweep sizes >= 256:
+    (t2 - t1) / (n2 - n1). A fixed per-step cost (dispatch, tape, thread wake-up) cancels
+    here and not in `linearity`, so the two together separate "the passes grow linearly"
+    from "the step has a fixed cost" (context: the issue's target is `linearity`)."""
+    points = [(r["elements"], r["median_ms"]) for s in sizes if s >= 256
+              for r in [find(rows, "fused", "fwd_bwd", base._replace(size=s))] if r]
+    slopes = [(t2 - t1) / (n2 - n1) for (n1, t1), (n2, t2) in zip(points, points[1:])
+              if n2 > n1]
+    if len(slopes) < 2 or min(slopes) <= 0:  # fewer than three sizes, or noise inverted one
+        return None
+    return max(slopes) / min(slopes)
+
+
 def targets(rows, memory, base, sizes):
     """Issue 2/6 targets with the measured value of each (None: not measured in this run)."""
     def med(path, shape, direction="fwd_bwd"):
@@ -221,6 +235,8 @@ def targets(rows, memory, base, sizes):
          ">=", 6.0),
         ("same mode: ref. tf.fn / fused tf.fn",
          ratio(med("reference_function", base), med("fused_function", base)), ">=", 14.0),
+        ("added time/element spread 256²-1024²", marginal_linearity(rows, base, sizes), "<=",
+         1.15),
     ]
     out = []
     for kind, entries in (("target", checks), ("context", context)):

@@ -93,6 +93,8 @@ def test_targets_compare_the_right_rows():
     assert found["bf16+uint8 / f32+f32"] == (pytest.approx(0.8), True)
     # per element (N = 8*256²*5): 256² 2.5/N, 512² 10/4N = 2.5/N, 1024² 48/16N = 3/N -> 1.2
     assert found["fused time/element spread 256²-1024²"] == (pytest.approx(1.2), False)
+    # added per element: 256²->512² 7.5/3N = 2.5/N, 512²->1024² 38/12N = 3.17/N -> 1.267
+    assert found["added time/element spread 256²-1024²"] == (pytest.approx(38 / 30), False)
     # the same-mode context rows: none measured here (no xla_auto / fused_function rows)
     assert found["same mode: ref. XLA / xla custom call"] == (None, None)
     rows += [dict(r, label="xla (custom call)") for r in _rows({"xla_auto": 5.0})]
@@ -108,6 +110,21 @@ def test_targets_compare_the_right_rows():
     found = {t["target"]: t["value"]
              for t in report.targets(fallback, memory, base, [256, 512, 1024])}
     assert found["same mode: ref. XLA / xla custom call"] is None
+
+
+def test_added_time_spread_cancels_a_fixed_cost_and_needs_three_sizes():
+    base = bp.CaseShape(8, 512, 5)
+    elements = {s: 8 * s * s * 5 for s in (256, 512, 1024)}
+    # 2 ms fixed + 1 ns per element: the per-element spread is large, the added one exactly 1
+    rows = [r for s, n in elements.items() for r in _rows({"fused": 2.0 + n * 1e-6}, size=s)]
+    found = {t["target"]: (t["value"], t["met"], t["kind"])
+             for t in report.targets(rows, [], base, [256, 512, 1024])}
+    assert found["added time/element spread 256²-1024²"] == (pytest.approx(1.0), True,
+                                                              "context")
+    assert found["fused time/element spread 256²-1024²"][0] > 1.5
+    assert report.marginal_linearity(rows, base, [256, 512]) is None  # one slope only
+    shrinking = [r for s in (256, 512, 1024) for r in _rows({"fused": 5.0}, size=s)]
+    assert report.marginal_linearity(shrinking, base, [256, 512, 1024]) is None
 
 
 def test_layout_and_dtype_targets_prefer_times_from_the_same_rounds():
