@@ -170,10 +170,15 @@ def floors_table(floor_rows):
     return "\n".join(lines)
 
 
+def _sweep_points(rows, base, sizes):
+    """(elements, median ms) of fused fwd+bwd at each measured sweep size >= 256."""
+    return [(r["elements"], r["median_ms"]) for s in sizes if s >= 256
+            for r in [find(rows, "fused", "fwd_bwd", base._replace(size=s))] if r]
+
+
 def linearity(rows, base, sizes):
     """max / min of fused fwd+bwd time per element over the sweep sizes >= 256."""
-    per_element = [r["median_ms"] / r["elements"] for s in sizes if s >= 256
-                   for r in [find(rows, "fused", "fwd_bwd", base._replace(size=s))] if r]
+    per_element = [t / n for n, t in _sweep_points(rows, base, sizes)]
     return max(per_element) / min(per_element) if len(per_element) >= 2 else None
 
 
@@ -182,8 +187,7 @@ def marginal_linearity(rows, base, sizes):
     (t2 - t1) / (n2 - n1). A fixed per-step cost (dispatch, tape, thread wake-up) cancels
     here and not in `linearity`, so the two together separate "the passes grow linearly"
     from "the step has a fixed cost" (context: the issue's target is `linearity`)."""
-    points = [(r["elements"], r["median_ms"]) for s in sizes if s >= 256
-              for r in [find(rows, "fused", "fwd_bwd", base._replace(size=s))] if r]
+    points = _sweep_points(rows, base, sizes)
     slopes = [(t2 - t1) / (n2 - n1) for (n1, t1), (n2, t2) in zip(points, points[1:])
               if n2 > n1]
     if len(slopes) < 2 or min(slopes) <= 0:  # fewer than three sizes, or noise inverted one
