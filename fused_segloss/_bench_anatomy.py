@@ -6,9 +6,15 @@ fused_segloss/_eager_fused.py, by wrapping them for the duration of the measurem
 every interval between two timestamps is either one of those calls or framework and Python
 work around them (argument checks, the tape). Each interval is reported as its median over
 the steps; the kernels' intervals include their op dispatch and output allocation.
+
+The same step is also timed under conditions (measure_conditions): back to back, right after
+writing a buffer larger than the caches, and right after the process idled. A training loop
+runs the model between two loss calls, so the loss never starts as warm as back to back;
+the table shows which phases grow, which is the fixed per-step cost that makes time per
+element fall with image size (the linearity target).
 """
 import time
-from typing import List, NamedTuple
+from typing import Callable, List, NamedTuple, Optional
 
 import numpy as np
 
@@ -23,6 +29,7 @@ INTERVALS = (
     ("gradient op (backward pass)", "grad done"),
     ("tape.gradient returns, loss read", "end"),
 )
+SHORT_NAMES = ("checks", "stats op", "combine", "to grad", "grad op", "return")
 _OPS = {"fused_segloss_stats": "stats", "fused_segloss_stats_grad": "grad"}
 
 
@@ -52,7 +59,9 @@ class _Marked:
         return marked
 
 
-def measure(shape: bp.CaseShape, steps: int, warmup: int = 3) -> Anatomy:
+def measure(shape: bp.CaseShape, steps: int, warmup: int = 3,
+            before_step: Optional[Callable[[], None]] = None) -> Anatomy:
+    """The step's phases; `before_step`, if given, runs before every step, outside its time."""
     import fused_segloss
     import tensorflow as tf
 
@@ -79,6 +88,8 @@ def measure(shape: bp.CaseShape, steps: int, warmup: int = 3) -> Anatomy:
     try:
         durations, totals = [], []
         for i in range(warmup + steps):
+            if before_step is not None:
+                before_step()
             marks.clear()
             start = time.perf_counter()
             with tf.GradientTape() as tape:
@@ -110,4 +121,55 @@ def table(anatomy: Anatomy) -> str:
              f"which {anatomy.step_ms - kernels:.2f} ms outside the two ops)"]
     for name, ms in anatomy.intervals_ms:
         lines.append(f"  {name:<50}{ms:>8.3f} ms")
+    return "\n".join(lines)
+
+
+class _WriteBuffer:
+    """A NumPy copy (memcpy) of `mib` MiB into a second buffer of that size."""
+
+    def __init__(self, mib: int):
+        self.source = np.ones(mib << 18, np.float32)  # 2^18 float32 per MiB
+        self.target = np.zeros_like(self.source)
+
+    def __call__(self):
+        np.copyto(self.target, self.source)
+
+
+def conditions(write_mib: int = 256, idle_s: float = 0.2):
+    """(name, action run before each step): back to back; after a copy of write_mib MiB
+    (more than the L2 and a shared L3 hold: the step's inputs and code are evicted, as by a
+    model's layers); after idle_s of sleep (pool threads parked, the vCPUs idle)."""
+    return [("back to back", None),
+            (f"after writing {write_mib} MiB", _WriteBuffer(write_mib)),
+            (f"after {idle_s:g} s idle", lambda: time.sleep(idle_s))]
+
+
+class ConditionAnatomy(NamedTuple):
+    condition: str
+    anatomy: Anatomy
+
+
+def measure_conditions(shapes, steps: int, write_mib: int = 256,
+                       idle_s: float = 0.2) -> List[ConditionAnatomy]:
+    """measure() of each shape under each condition (shape by shape, conditions in order)."""
+    out = []
+    for shape in shapes:
+        for name, action in conditions(write_mib, idle_s):
+            out.append(ConditionAnatomy(name, measure(shape, steps, before_step=action)))
+    return out
+
+
+def conditions_table(results: List[ConditionAnatomy]) -> str:
+    steps = sorted({r.anatomy.steps for r in results})
+    lines = [f"Anatomy under conditions: the same eager step, each step run right after the "
+             f"condition (medians of {'/'.join(map(str, steps))} steps, ms; 'outside' = the "
+             f"step minus the two ops' intervals)",
+             f"{'size':<7}{'condition':<26}{'step':>8}" + "".join(f"{n:>9}" for n in SHORT_NAMES)
+             + f"{'outside':>9}{'ns/elem':>9}"]
+    for r in results:
+        a = r.anatomy
+        kernels = sum(ms for name, ms in a.intervals_ms if "op (" in name)
+        lines.append(f"{str(a.shape.size) + '²':<7}{r.condition:<26}{a.step_ms:>8.2f}"
+                     + "".join(f"{ms:>9.3f}" for _, ms in a.intervals_ms)
+                     + f"{a.step_ms - kernels:>9.2f}{a.step_ms * 1e6 / a.shape.elements:>9.3f}")
     return "\n".join(lines)

@@ -24,10 +24,11 @@ from . import _bench_paths as bp
 _FULL = dict(batch=8, classes=5, size=512, sizes="64,128,256,512,1024", min_rounds=5,
              max_rounds=25, group_seconds=20.0, variant_seconds=4.0,
              variant_paths="fused,reference_xla", memory_paths=",".join(bp.PATHS),
-             anatomy_steps=40)
+             anatomy_steps=40, anatomy_sizes="256,512")
 _QUICK = dict(batch=2, classes=3, size=128, sizes="64,128", min_rounds=2, max_rounds=2,
               group_seconds=0.0, variant_seconds=0.0, variant_paths="fused",
-              memory_paths="fused,reference", anatomy_steps=3)
+              memory_paths="fused,reference", anatomy_steps=3, anatomy_sizes="64")
+_CONDITION_STEPS = 20
 SECTIONS = ("paths", "compare", "sweep", "variants", "memory", "anatomy")
 
 
@@ -65,6 +66,10 @@ def parse_args(argv=None):
                         help="the same for each of the 24 variant groups (full: 4)")
     parser.add_argument("--anatomy-steps", type=int,
                         help="eager steps timed phase by phase in the anatomy section (40)")
+    parser.add_argument("--anatomy-sizes",
+                        help="image sides at which the anatomy section also times the step "
+                             "back to back, after writing 256 MiB and after 0.2 s idle "
+                             f"(256,512; at most {_CONDITION_STEPS} steps each)")
     parser.add_argument("--out-dir", default="bench_out",
                         help="where bench.json, bench.png and bench.txt go (bench_out)")
     args = parser.parse_args(argv)
@@ -77,9 +82,10 @@ def parse_args(argv=None):
         args.variant_paths = _csv(args.variant_paths, bp.PATHS, name="path")
         args.memory_paths = _csv(args.memory_paths, bp.PATHS, name="path")
         args.sections = _csv(args.sections, SECTIONS, name="section")
+        args.anatomy_sizes = _csv(args.anatomy_sizes, convert=int, name="size")
     except (argparse.ArgumentTypeError, ValueError) as exc:
         parser.error(str(exc))
-    if min(args.sizes + [args.size, args.batch, args.classes, args.anatomy_steps]) < 1:
+    if min(args.sizes + args.anatomy_sizes + [args.size, args.batch, args.classes, args.anatomy_steps]) < 1:
         parser.error("sizes, batch, classes and anatomy steps must be >= 1")
     return args
 
@@ -135,7 +141,7 @@ def run(args, log=print):
         notes.append("the op library is unavailable: fused rows are skipped, xla (auto) "
                      "measures the reference")
     paths = [p for p in args.paths if p in usable]
-    rows, floors, sweep_floors, memory, anatomy = [], [], {}, [], None
+    rows, floors, sweep_floors, memory, anatomy, conditions = [], [], {}, [], None, []
 
     def group(section, shape, entries, budget_s, skip_measured=True):
         todo = [e for e in entries if e.path in usable and not (
@@ -183,6 +189,10 @@ def run(args, log=print):
     if "anatomy" in args.sections and "fused" in usable:
         log("anatomy (eager fused step, phase by phase):")
         anatomy = _bench_anatomy.measure(base, args.anatomy_steps)
+        log("  under conditions: " + ", ".join(f"{s}²" for s in args.anatomy_sizes))
+        conditions = _bench_anatomy.measure_conditions(
+            [base._replace(size=s) for s in args.anatomy_sizes],
+            min(args.anatomy_steps, _CONDITION_STEPS))
     info["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     report.add_ratios(rows)
     target_rows = report.targets(rows, memory, base, args.sizes)
@@ -198,6 +208,8 @@ def run(args, log=print):
               report.targets_table(target_rows, base)]
     if anatomy is not None:
         tables.append(_bench_anatomy.table(anatomy))
+    if conditions:
+        tables.append(_bench_anatomy.conditions_table(conditions))
     tables += [f"Note: {n}" for n in notes]
     bad_memory = [m for m in memory if "error" in m]
     if bad_memory:
@@ -208,6 +220,10 @@ def run(args, log=print):
             "targets": target_rows, "notes": notes,
             "anatomy": anatomy and {"step_ms": anatomy.step_ms, "steps": anatomy.steps,
                                     "intervals_ms": dict(anatomy.intervals_ms)},
+            "anatomy_conditions": [{"size": c.anatomy.shape.size, "condition": c.condition,
+                                    "steps": c.anatomy.steps, "step_ms": c.anatomy.step_ms,
+                                    "intervals_ms": dict(c.anatomy.intervals_ms)}
+                                   for c in conditions],
             "wall_seconds": time.perf_counter() - started}, "\n\n".join(tables), sweep_floors
 
 

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -171,7 +172,8 @@ def quick_run(tmp_path_factory):
 def test_quick_bench_prints_every_table(quick_run):
     stdout, result, _ = quick_run
     for heading in ("Paths, 2x128x128x3", "Layout and dtype, 2x128x128x3", "Size sweep",
-                    "Variants", "Memory-bandwidth floor", "Targets at", "Anatomy of one eager"):
+                    "Variants", "Memory-bandwidth floor", "Targets at", "Anatomy of one eager",
+                    "Anatomy under conditions"):
         assert heading in stdout
     for spec in bp.PATHS.values():
         if spec.name != "xla_auto":
@@ -207,6 +209,12 @@ def test_quick_bench_json_is_complete_and_consistent(quick_run):
     assert {t["target"] for t in result["targets"]} >= {"fused fwd+bwd / floor",
                                                          "reference XLA / fused"}
     assert set(result["anatomy"]["intervals_ms"]) == {n for n, _ in _bench_anatomy.INTERVALS}
+    conditions = result["anatomy_conditions"]  # --quick: 64² under the three conditions
+    assert [(c["size"], c["condition"]) for c in conditions] == [
+        (64, "back to back"), (64, "after writing 256 MiB"), (64, "after 0.2 s idle")]
+    for c in conditions:
+        assert set(c["intervals_ms"]) == {n for n, _ in _bench_anatomy.INTERVALS}
+        assert c["step_ms"] >= max(c["intervals_ms"].values()) > 0
     xla_auto = [r for r in rows if r["path"] == "xla_auto"]
     for r in xla_auto:  # the label follows the HLO's custom calls
         has_call = any("segloss" in t for t in r["custom_calls"])
@@ -273,3 +281,36 @@ def test_anatomy_times_every_phase_of_the_eager_step_and_unpatches():
     assert anatomy.step_ms >= max(ms for _, ms in anatomy.intervals_ms)
     assert ops.library is library and _eager_fused._Traced.combine_with_jacobian is jacobian
     assert "outside the two ops" in _bench_anatomy.table(anatomy)
+
+
+@needs_library
+def test_anatomy_conditions_run_their_action_before_every_step():
+    calls = []
+    shape = bp.CaseShape(2, 16, 3)
+    anatomy = _bench_anatomy.measure(shape, steps=3, warmup=1,
+                                     before_step=lambda: calls.append(time.perf_counter()))
+    assert len(calls) == 4 and anatomy.steps == 3
+    results = _bench_anatomy.measure_conditions([shape], steps=2, write_mib=1, idle_s=0.01)
+    assert [r.condition for r in results] == ["back to back", "after writing 1 MiB",
+                                              "after 0.01 s idle"]
+    assert all(r.anatomy.shape == shape and r.anatomy.steps == 2 for r in results)
+    table = _bench_anatomy.conditions_table(results).splitlines()
+    assert len(table) == 2 + len(results)
+    for line, r in zip(table[2:], results):
+        assert r.condition in line
+        # last column: the step's ns per element, from its own median and element count
+        assert float(line.split()[-1]) == pytest.approx(
+            r.anatomy.step_ms * 1e6 / shape.elements, abs=1e-3)
+
+
+def test_anatomy_conditions_do_what_they_are_named_for():
+    (back, none), (write, copy), (idle, sleep) = _bench_anatomy.conditions(write_mib=2,
+                                                                           idle_s=0.02)
+    assert back == "back to back" and none is None and "2 MiB" in write and "0.02 s" in idle
+    start = time.perf_counter()
+    sleep()
+    assert time.perf_counter() - start >= 0.02  # sleep never returns early
+    assert copy.target.nbytes == 2 << 20 and not copy.target.any()
+    copy()
+    np.testing.assert_array_equal(copy.target, copy.source)
+    assert copy.source.all()
