@@ -38,6 +38,7 @@ class Anatomy(NamedTuple):
     steps: int
     step_ms: float                # median of the whole step
     intervals_ms: List[tuple]     # (name, median ms), in step order
+    outside_ms: float             # median over the steps of (step - the two ops' intervals)
 
 
 class _Marked:
@@ -86,7 +87,7 @@ def measure(shape: bp.CaseShape, steps: int, warmup: int = 3,
     _eager_fused.ops.library = lambda: marked_library
     _eager_fused._Traced.combine_with_jacobian = marked_jacobian
     try:
-        durations, totals = [], []
+        durations, totals, outside = [], [], []
         for i in range(warmup + steps):
             if before_step is not None:
                 before_step()
@@ -106,19 +107,21 @@ def measure(shape: bp.CaseShape, steps: int, warmup: int = 3,
             ends = [at[m] for _, m in INTERVALS]
             durations.append(np.diff([start] + ends))
             totals.append(ends[-1] - start)
+            outside.append(totals[-1] - sum(d for (name, _), d in zip(INTERVALS, durations[-1])
+                                            if "op (" in name))
     finally:
         _eager_fused.ops.library = library
         _eager_fused._Traced.combine_with_jacobian = get_jacobian
     medians = np.median(np.array(durations), axis=0) * 1e3
     return Anatomy(shape, steps, float(np.median(totals) * 1e3),
-                   [(name, float(ms)) for (name, _), ms in zip(INTERVALS, medians)])
+                   [(name, float(ms)) for (name, _), ms in zip(INTERVALS, medians)],
+                   float(np.median(outside) * 1e3))
 
 
 def table(anatomy: Anatomy) -> str:
-    kernels = sum(ms for name, ms in anatomy.intervals_ms if "op (" in name)
     lines = [f"Anatomy of one eager fused forward+backward step, {anatomy.shape.describe()} "
              f"(medians of {anatomy.steps} steps; whole step {anatomy.step_ms:.2f} ms, of "
-             f"which {anatomy.step_ms - kernels:.2f} ms outside the two ops)"]
+             f"which {anatomy.outside_ms:.2f} ms outside the two ops)"]
     for name, ms in anatomy.intervals_ms:
         lines.append(f"  {name:<50}{ms:>8.3f} ms")
     return "\n".join(lines)
@@ -163,13 +166,18 @@ def conditions_table(results: List[ConditionAnatomy]) -> str:
     steps = sorted({r.anatomy.steps for r in results})
     lines = [f"Anatomy under conditions: the same eager step, each step run right after the "
              f"condition (medians of {'/'.join(map(str, steps))} steps, ms; 'outside' = the "
-             f"step minus the two ops' intervals)",
+             f"median of each step's time outside the two ops)",
              f"{'size':<7}{'condition':<26}{'step':>8}" + "".join(f"{n:>9}" for n in SHORT_NAMES)
              + f"{'outside':>9}{'ns/elem':>9}"]
+    per_element = {}
     for r in results:
         a = r.anatomy
-        kernels = sum(ms for name, ms in a.intervals_ms if "op (" in name)
+        per_element.setdefault(r.condition, []).append(a.step_ms * 1e6 / a.shape.elements)
         lines.append(f"{str(a.shape.size) + '²':<7}{r.condition:<26}{a.step_ms:>8.2f}"
                      + "".join(f"{ms:>9.3f}" for _, ms in a.intervals_ms)
-                     + f"{a.step_ms - kernels:>9.2f}{a.step_ms * 1e6 / a.shape.elements:>9.3f}")
+                     + f"{a.outside_ms:>9.2f}{per_element[r.condition][-1]:>9.3f}")
+    sizes = sorted({r.anatomy.shape.size for r in results})
+    if len(sizes) >= 2:  # context for the linearity target: the same ratio, per condition
+        lines.append(f"time/element spread (max/min) over {', '.join(f'{s}²' for s in sizes)}: "
+                     + "; ".join(f"{c} {max(v) / min(v):.2f}" for c, v in per_element.items()))
     return "\n".join(lines)

@@ -24,10 +24,10 @@ from . import _bench_paths as bp
 _FULL = dict(batch=8, classes=5, size=512, sizes="64,128,256,512,1024", min_rounds=5,
              max_rounds=25, group_seconds=20.0, variant_seconds=4.0,
              variant_paths="fused,reference_xla", memory_paths=",".join(bp.PATHS),
-             anatomy_steps=40, anatomy_sizes="256,512")
+             anatomy_steps=40, anatomy_sizes="256,512,1024")
 _QUICK = dict(batch=2, classes=3, size=128, sizes="64,128", min_rounds=2, max_rounds=2,
               group_seconds=0.0, variant_seconds=0.0, variant_paths="fused",
-              memory_paths="fused,reference", anatomy_steps=3, anatomy_sizes="64")
+              memory_paths="fused,reference", anatomy_steps=3, anatomy_sizes="32,64")
 _CONDITION_STEPS = 20
 SECTIONS = ("paths", "compare", "sweep", "variants", "memory", "anatomy")
 
@@ -69,7 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--anatomy-sizes",
                         help="image sides at which the anatomy section also times the step "
                              "back to back, after writing 256 MiB and after 0.2 s idle "
-                             f"(256,512; at most {_CONDITION_STEPS} steps each)")
+                             f"(256,512,1024; at most {_CONDITION_STEPS} steps each)")
     parser.add_argument("--out-dir", default="bench_out",
                         help="where bench.json, bench.png and bench.txt go (bench_out)")
     args = parser.parse_args(argv)
@@ -85,7 +85,8 @@ def parse_args(argv=None):
         args.anatomy_sizes = _csv(args.anatomy_sizes, convert=int, name="size")
     except (argparse.ArgumentTypeError, ValueError) as exc:
         parser.error(str(exc))
-    if min(args.sizes + args.anatomy_sizes + [args.size, args.batch, args.classes, args.anatomy_steps]) < 1:
+    if min(args.sizes + args.anatomy_sizes +
+           [args.size, args.batch, args.classes, args.anatomy_steps]) < 1:
         parser.error("sizes, batch, classes and anatomy steps must be >= 1")
     return args
 
@@ -219,9 +220,11 @@ def run(args, log=print):
             "base_shape": base._asdict(), "rows": rows, "floors": floors, "memory": memory,
             "targets": target_rows, "notes": notes,
             "anatomy": anatomy and {"step_ms": anatomy.step_ms, "steps": anatomy.steps,
-                                    "intervals_ms": dict(anatomy.intervals_ms)},
+                                    "intervals_ms": dict(anatomy.intervals_ms),
+                                    "outside_ms": anatomy.outside_ms},
             "anatomy_conditions": [{"size": c.anatomy.shape.size, "condition": c.condition,
                                     "steps": c.anatomy.steps, "step_ms": c.anatomy.step_ms,
+                                    "outside_ms": c.anatomy.outside_ms,
                                     "intervals_ms": dict(c.anatomy.intervals_ms)}
                                    for c in conditions],
             "wall_seconds": time.perf_counter() - started}, "\n\n".join(tables), sweep_floors

@@ -183,7 +183,7 @@ def test_quick_bench_prints_every_table(quick_run):
 
 @needs_library
 def test_quick_bench_json_is_complete_and_consistent(quick_run):
-    _, result, _ = quick_run
+    stdout, result, _ = quick_run
     rows = result["rows"]
     base = bp.CaseShape(**result["base_shape"])
     measured = {(r["path"], r["direction"]) for r in rows
@@ -209,12 +209,19 @@ def test_quick_bench_json_is_complete_and_consistent(quick_run):
     assert {t["target"] for t in result["targets"]} >= {"fused fwd+bwd / floor",
                                                          "reference XLA / fused"}
     assert set(result["anatomy"]["intervals_ms"]) == {n for n, _ in _bench_anatomy.INTERVALS}
-    conditions = result["anatomy_conditions"]  # --quick: 64² under the three conditions
+    names = ["back to back", "after writing 256 MiB", "after 0.2 s idle"]
+    conditions = result["anatomy_conditions"]  # --quick: 32² and 64², three conditions each
     assert [(c["size"], c["condition"]) for c in conditions] == [
-        (64, "back to back"), (64, "after writing 256 MiB"), (64, "after 0.2 s idle")]
+        (size, name) for size in (32, 64) for name in names]
     for c in conditions:
         assert set(c["intervals_ms"]) == {n for n, _ in _bench_anatomy.INTERVALS}
         assert c["step_ms"] >= max(c["intervals_ms"].values()) > 0
+        assert 0 < c["outside_ms"] < c["step_ms"]
+    spread_line = next(ln for ln in stdout.splitlines() if ln.startswith("time/element spread"))
+    for name in names:  # each condition's spread is max/min of its own steps' ns per element
+        per_element = [c["step_ms"] * 1e6 / (base.batch * c["size"] ** 2 * base.classes)
+                       for c in conditions if c["condition"] == name]
+        assert f"{name} {max(per_element) / min(per_element):.2f}" in spread_line
     xla_auto = [r for r in rows if r["path"] == "xla_auto"]
     for r in xla_auto:  # the label follows the HLO's custom calls
         has_call = any("segloss" in t for t in r["custom_calls"])
