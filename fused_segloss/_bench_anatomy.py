@@ -118,6 +118,12 @@ def measure(shape: bp.CaseShape, steps: int, warmup: int = 3,
                    float(np.median(outside) * 1e3))
 
 
+def as_json(anatomy: Anatomy) -> dict:
+    """The bench JSON's record of one anatomy (its shape is recorded by the caller)."""
+    return {"steps": anatomy.steps, "step_ms": anatomy.step_ms,
+            "outside_ms": anatomy.outside_ms, "intervals_ms": dict(anatomy.intervals_ms)}
+
+
 def table(anatomy: Anatomy) -> str:
     lines = [f"Anatomy of one eager fused forward+backward step, {anatomy.shape.describe()} "
              f"(medians of {anatomy.steps} steps; whole step {anatomy.step_ms:.2f} ms, of "

@@ -219,14 +219,9 @@ def run(args, log=print):
     return {"machine": info, "config": {k: v for k, v in vars(args).items()},
             "base_shape": base._asdict(), "rows": rows, "floors": floors, "memory": memory,
             "targets": target_rows, "notes": notes,
-            "anatomy": anatomy and {"step_ms": anatomy.step_ms, "steps": anatomy.steps,
-                                    "intervals_ms": dict(anatomy.intervals_ms),
-                                    "outside_ms": anatomy.outside_ms},
+            "anatomy": anatomy and _bench_anatomy.as_json(anatomy),
             "anatomy_conditions": [{"size": c.anatomy.shape.size, "condition": c.condition,
-                                    "steps": c.anatomy.steps, "step_ms": c.anatomy.step_ms,
-                                    "outside_ms": c.anatomy.outside_ms,
-                                    "intervals_ms": dict(c.anatomy.intervals_ms)}
-                                   for c in conditions],
+                                    **_bench_anatomy.as_json(c.anatomy)} for c in conditions],
             "wall_seconds": time.perf_counter() - started}, "\n\n".join(tables), sweep_floors
 
 
