@@ -129,8 +129,8 @@ def _describe_machine(info):
 
 def run(args, log=print):
     """Runs the selected sections; returns the JSON-ready result."""
-    from . import _bench_anatomy, _bench_memory, _bench_report as report, _bench_timing as timing
-    from . import ops
+    from . import _bench_anatomy, _bench_framework, _bench_memory, _bench_report as report
+    from . import _bench_timing as timing, ops
 
     started = time.perf_counter()
     info = machine()
@@ -142,7 +142,8 @@ def run(args, log=print):
         notes.append("the op library is unavailable: fused rows are skipped, xla (auto) "
                      "measures the reference")
     paths = [p for p in args.paths if p in usable]
-    rows, floors, sweep_floors, memory, anatomy, conditions = [], [], {}, [], None, []
+    rows, floors, sweep_floors, memory, anatomy = [], [], {}, [], None
+    conditions, smallest = [], []
 
     def group(section, shape, entries, budget_s, skip_measured=True):
         todo = [e for e in entries if e.path in usable and not (
@@ -194,6 +195,9 @@ def run(args, log=print):
         conditions = _bench_anatomy.measure_conditions(
             [base._replace(size=s) for s in args.anatomy_sizes],
             min(args.anatomy_steps, _CONDITION_STEPS))
+        log("  TensorFlow's smallest step under the same conditions")
+        smallest = _bench_framework.measure(base.batch, base.classes,
+                                            min(args.anatomy_steps, _CONDITION_STEPS))
     info["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     report.add_ratios(rows)
     target_rows = report.targets(rows, memory, base, args.sizes)
@@ -211,6 +215,8 @@ def run(args, log=print):
         tables.append(_bench_anatomy.table(anatomy))
     if conditions:
         tables.append(_bench_anatomy.conditions_table(conditions))
+    if smallest:
+        tables.append(_bench_framework.table(smallest, conditions, base.batch, base.classes))
     tables += [f"Note: {n}" for n in notes]
     bad_memory = [m for m in memory if "error" in m]
     if bad_memory:
@@ -222,6 +228,8 @@ def run(args, log=print):
             "anatomy": anatomy and _bench_anatomy.as_json(anatomy),
             "anatomy_conditions": [{"size": c.anatomy.shape.size, "condition": c.condition,
                                     **_bench_anatomy.as_json(c.anatomy)} for c in conditions],
+            "framework_smallest_steps": _bench_framework.as_json(smallest),
+            "framework_spread_estimates": _bench_framework.spread_estimates(conditions, smallest),
             "wall_seconds": time.perf_counter() - started}, "\n\n".join(tables), sweep_floors
 
 

@@ -173,7 +173,7 @@ def test_quick_bench_prints_every_table(quick_run):
     stdout, result, _ = quick_run
     for heading in ("Paths, 2x128x128x3", "Layout and dtype, 2x128x128x3", "Size sweep",
                     "Variants", "Memory-bandwidth floor", "Targets at", "Anatomy of one eager",
-                    "Anatomy under conditions"):
+                    "Anatomy under conditions", "TensorFlow's smallest step"):
         assert heading in stdout
     for spec in bp.PATHS.values():
         if spec.name != "xla_auto":
@@ -222,6 +222,12 @@ def test_quick_bench_json_is_complete_and_consistent(quick_run):
         per_element = [c["step_ms"] * 1e6 / (base.batch * c["size"] ** 2 * base.classes)
                        for c in conditions if c["condition"] == name]
         assert f"{name} {max(per_element) / min(per_element):.2f}" in spread_line
+    smallest = result["framework_smallest_steps"]  # every mode under the same conditions
+    assert [(s["mode"], s["condition"]) for s in smallest] == [
+        (mode, name) for mode in ("eager", "tf.function", "XLA") for name in names]
+    assert all(s["median_ms"] > 0 for s in smallest)
+    assert set(result["framework_spread_estimates"]) == set(names)
+    assert all(e > 1 for e in result["framework_spread_estimates"].values())
     xla_auto = [r for r in rows if r["path"] == "xla_auto"]
     for r in xla_auto:  # the label follows the HLO's custom calls
         has_call = any("segloss" in t for t in r["custom_calls"])
