@@ -6,7 +6,7 @@ whatever a step costs regardless of its size must stay under about 15% of the 25
 The anatomy (_bench_anatomy) shows how much of the fused step lies outside its two ops; this
 measures what TensorFlow itself costs per step. The smallest step is the sum of a
 [B, C, 8] tensor (the size of the fused op's statistics) and its gradient through a
-GradientTape: one op forward, TF's two-op gradient of a sum (a reshape and a broadcast)
+GradientTape: one op forward, TF's two-op gradient of a sum (a reshape and a tile)
 backward, against the fused step's op, `combine` call and gradient op. It runs eagerly, as
 a tf.function and XLA-compiled (jit_compile=True), each right after the same conditions as
 the anatomy's (_bench_anatomy.conditions: back to back, after writing a buffer larger than
