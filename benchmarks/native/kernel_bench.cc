@@ -75,8 +75,8 @@ Inputs MakeInputs(int64_t elements) {
   return in;
 }
 
-// float64 sums of ForwardTerms (the per-element formula, evaluated in double) for class c
-// of image 0, the reference the kernel's result is checked against.
+// float64 sums of ForwardTerms (the per-element formula, evaluated in double) for every
+// class of the one image, laid out as the kernel's [1, C, 8] result it is checked against.
 void ReferenceStats(const Inputs& in, const fsl::ProblemShape& shape, double* out) {
   std::fill(out, out + shape.classes * fsl::kNumStats, 0.0);
   for (int64_t n = 0; n < shape.positions; ++n) {
@@ -102,11 +102,12 @@ double MedianSeconds(int calls, Fn&& fn) {
   return times[calls / 2];
 }
 
-// `iterations` rounds of 10 independent multiply-add chains at the kernels' hardware width
+// `iterations` rounds of kChains independent multiply-add chains at the kernels' hardware width
 // (more chains than latency x ports on current cores), each a·m + c with m < 1 so the
 // values stay finite. The chains live only inside this function, so they stay in registers
 // (kept across a clock call they were spilled to the stack, which measured a fifth of the
 // rate); the empty asm makes each chain's value opaque, so none is merged or removed.
+constexpr int64_t kChains = 10;  // a0..a9 below
 __attribute__((noinline)) float MultiplyAddChains(int64_t iterations) {
   const fsl::HwF m = fsl::HwF{} + 0.999999f, c = fsl::HwF{} + 1e-7f;
   fsl::HwF a0 = m + 0.0f, a1 = m + 0.1f, a2 = m + 0.2f, a3 = m + 0.3f, a4 = m + 0.4f;
@@ -124,7 +125,7 @@ __attribute__((noinline)) float MultiplyAddChains(int64_t iterations) {
 
 // Vector multiply-adds per second on one thread: the best of 3 timings of the chains.
 double MultiplyAddsPerSecond() {
-  constexpr int64_t kIterations = 20000000, kChains = 10;
+  constexpr int64_t kIterations = 20000000;
   double best = 0;
   for (int round = 0; round < 3; ++round) {
     const auto start = std::chrono::steady_clock::now();
