@@ -295,3 +295,37 @@ def test_long_sums_of_constant_weights_stay_within_the_stats_tolerance(shape, da
     stats = fsl.segloss_stats(x, z, weight, data_format=data_format).numpy()
     expected = npref.stats(x, z, weight, None, data_format)
     check.stats(stats, expected, "float32")
+
+
+# ------------------------------------------------------------------- the deferred log term
+# Without weights or pos_weight the CPU forward sums each accumulator's log1p(exp(-|x|))
+# terms as one run (segloss_math.h, Log1pProductStep) and takes one log per block. These
+# are the inputs that could break it: confident, correct predictions, where 1 + e rounds
+# to 1 in float32 (|x| > 16.6) and a product of the (1 + e) would drop every term; x = 0,
+# where each factor is 2 and a run of 120 rows reaches 2^120; one value repeated, so that
+# the roundings share a sign.
+@pytest.mark.parametrize("shape, data_format", [
+    ((1, 32768, 1), "channels_last"),     # 120-row blocks, one class
+    ((2, 4100, 5), "channels_last"),
+    ((1, 3, 40000), "channels_first"),
+], ids=["C1", "C5", "channels_first"])
+@pytest.mark.parametrize("logit", [0.0, 2.0, -5.0, 17.0, -20.0, 30.0, "confident"])
+def test_deferred_log_terms_keep_tiny_and_large_runs_within_the_stats_tolerance(
+        shape, data_format, logit, check):
+    if not fsl.fused_available():
+        pytest.skip("the op library is not built")
+    rng = np.random.default_rng(11)
+    if logit == "confident":  # |x| ~ 12 +- 3 with the matching label: ce ~ 1e-5 .. 1e-9
+        x = rng.normal(12.0, 3.0, shape) * rng.choice([-1.0, 1.0], shape)
+    else:
+        x = np.full(shape, logit)
+    z = (x > 0).astype(np.float32)  # the correct label: ce is the log term alone for x != 0
+    x = x.astype(np.float32)
+    unweighted = fsl.segloss_stats(x, z, data_format=data_format).numpy()
+    expected = npref.stats(x, z, None, None, data_format)
+    check.stats(unweighted, expected, "float32")
+    # The weighted kernel keeps a log per element: with weights of 1 it is an independent
+    # evaluation of the same sums.
+    ones = np.ones((shape[0], 1, 1), np.float32)
+    weighted = fsl.segloss_stats(x, z, ones, data_format=data_format).numpy()
+    check.stats(unweighted, weighted.astype(np.float64), "float32")

@@ -32,8 +32,10 @@ constexpr int64_t kItemElements = 32768;  // elements per work item (fixed: dete
 // on long runs of one value). Each block ends with a fold of every accumulator: at 2048
 // elements that was about 7% of the forward pass (AVX-512, Zen 4; 8192 measured 9% faster
 // on channels_last data). The weight buffer of a block is 32 KiB at this size.
+// At most 120 rows also keeps a deferred log run's 1 + D <= 2^rows finite in float32
+// (Log1pProductStep).
 constexpr int64_t kBlockElements = 8192;
-constexpr int64_t kMaxBlockRows = 128;
+constexpr int64_t kMaxBlockRows = 120;
 constexpr int64_t kMinBlockRows = 8;
 
 // What one work item covers.
@@ -209,12 +211,26 @@ FSL_HD ElementInputs<Vec> LoadInputs(const LogitT* x, const LabelT* z, const flo
 template <typename Vec>
 using MaskOf = decltype(Vec() > Vec());
 
+// Where every element's log term log1p(e) has weight 1 (no weight map, no pos_weight), the
+// forward leaves it out of each element's cross-entropy and sums it per accumulator as a
+// Log1pProductStep run, folded with one Log1pWide per block: 2 vector operations per
+// element instead of Log1pUnit's 11, and off the exp -> log dependency chain. float32
+// compute only (float64 inputs keep the library log1p per element).
+template <typename Vec, bool kWeighted, typename PosWeight>
+constexpr bool kLogDeferred =
+    !kWeighted && std::is_same_v<PosWeight, UnitPosWeight> && !std::is_same_v<Vec, double>;
+
+// Accumulators per vector position of a row: the statistics, then the deferred log run.
+constexpr int kLogRunSlot = kNumStats;
+constexpr int kAccumulatorSlots = kNumStats + 1;
+
 // The hard counts are added as masked adds of the weight (see AddTerms), so they are kept
 // as masks; terms[kHardTp..kHardLabel] are left unused (and unevaluated when inlined).
 template <typename Vec>
 struct Contribution {
   Vec terms[kNumStats];
   Vec w;                                          // the weights (1 when unweighted)
+  Vec e;                                          // exp(-|x|), when the log is deferred
   MaskOf<Vec> hard_tp, hard_pred, hard_label;     // where each hard count gets w
   MaskOf<Vec> invalid;                            // label outside [0, 1] (or NaN)
 };
@@ -224,8 +240,10 @@ template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename L
 FSL_HD void ElementTerms(const LogitT* x, const LabelT* z, const float* w,
                          PosWeight pos_weight, int lanes, Contribution<Vec>& out) {
   const Vec zero(0.0f);
+  constexpr bool kDefer = kLogDeferred<Vec, kWeighted, PosWeight>;
   const ElementInputs<Vec> in = LoadInputs<Vec, kWeighted, kPartial>(x, z, w, lanes);
-  ForwardTerms<Vec, kSquared>(in.x, in.z, in.w, pos_weight, out.terms);
+  ForwardTerms<Vec, kSquared, PosWeight, kDefer>(in.x, in.z, in.w, pos_weight, out.terms,
+                                                 &out.e);
   const auto pred_hard = PredictedPositive(in.x), label_hard = LabelPositive(in.z);
   out.w = in.w;
   out.hard_tp = pred_hard & label_hard;
@@ -235,6 +253,7 @@ FSL_HD void ElementTerms(const LogitT* x, const LabelT* z, const float* w,
   if constexpr (kPartial) {  // padding lanes hold x = z = 0, w = 1: mask them out
     const auto live = MaskOfFirst<Vec>(lanes);
     for (int k = 0; k < kNumStats; ++k) out.terms[k] = Select(live, out.terms[k], zero);
+    if constexpr (kDefer) out.e = Select(live, out.e, zero);  // D + 0 + D·0 = D
     out.hard_tp = out.hard_tp & live;
     out.hard_pred = out.hard_pred & live;
     out.hard_label = out.hard_label & live;
@@ -261,9 +280,10 @@ __attribute__((noinline)) void PartialElementTerms(const LogitT* x, const LabelT
 // integer accumulator the same way measured 4% slower (GCC's mask materialisation).
 // The hard counts: slot + (m ? w : 0) is m ? slot + w : slot (slots start at +0 and only
 // grow, so adding 0 never changes one): one masked add with AVX-512 (simd.h's AddWhere).
-template <typename Vec, bool kWeighted>
+template <typename Vec, bool kWeighted, bool kDefer>
 FSL_HD void AddTerms(Vec* slots, const Contribution<Vec>& c, MaskOf<Vec>& any_invalid) {
   for (int k : {kCeSum, kIntersection, kPredSum, kLabelSum}) slots[k] += c.terms[k];
+  if constexpr (kDefer) slots[kLogRunSlot] = Log1pProductStep(slots[kLogRunSlot], c.e);
   if constexpr (kWeighted) slots[kWeightSum] += c.terms[kWeightSum];  // else counted per item
   slots[kHardTp] = AddWhere(c.hard_tp, slots[kHardTp], c.w);
   slots[kHardPred] = AddWhere(c.hard_pred, slots[kHardPred], c.w);
@@ -282,7 +302,7 @@ int64_t CountInvalidLabels(const LabelT* z, int64_t count) {
 // `lane_sums` ([kNumStats][padded]) and returns the number of invalid labels seen. Rows
 // are walked in memory order, so the hardware prefetcher sees one sequential stream per
 // input. Each vector position of the row has its own float32 accumulators `acc`
-// ([vectors][kNumStats], in L1): a load, add and store per statistic, which measured no
+// ([vectors][kAccumulatorSlots], in L1): a load, add and store per statistic, which measured no
 // slower in cache (1.49 against 1.52 ns per element) than a column-by-column walk with
 // register accumulators, while that walk lost 1.4-2x to cache misses on channels_last
 // data (stride = one row, 25 rows per column: too short a stream to prefetch). Full
@@ -296,7 +316,9 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
                         typename Lanes<Compute, kForwardParts>::Vec* acc, double* lane_sums) {
   using Vec = typename Lanes<Compute, kForwardParts>::Vec;
   constexpr int kWidth = Lanes<Compute, kForwardParts>::kWidth;
-  for (int64_t i = 0; i < g.vectors * kNumStats; ++i) acc[i] = Vec(0.0f);
+  using PosWeight = std::conditional_t<kPosWeighted, Vec, UnitPosWeight>;
+  constexpr bool kDefer = kLogDeferred<Vec, kWeighted, PosWeight>;
+  for (int64_t i = 0; i < g.vectors * kAccumulatorSlots; ++i) acc[i] = Vec(0.0f);
   MaskOf<Vec> any_invalid = Vec(0.0f) > Vec(0.0f);
   const int64_t full_vectors = g.period / kWidth;
   const int tail_lanes = static_cast<int>(g.period % kWidth);
@@ -312,7 +334,7 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
     Contribution<Vec> c;
     PartialElementTerms<Vec, kSquared, kWeighted>(x + i, z + i, WeightsAt<kWeighted>(w, i),
                                                   pos_weight_at(v), lanes, c);
-    AddTerms<Vec, kWeighted>(acc + v * kNumStats, c, any_invalid);
+    AddTerms<Vec, kWeighted, kDefer>(acc + v * kAccumulatorSlots, c, any_invalid);
   };
   const int64_t full_rows = count / g.period, rest = count % g.period;
   for (int64_t r = 0; r < full_rows; ++r) {
@@ -323,7 +345,7 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
       Contribution<Vec> c;
       ElementTerms<Vec, kSquared, kWeighted, false>(x + i, z + i, WeightsAt<kWeighted>(w, i),
                                                     pos_weight_at(v), kWidth, c);
-      AddTerms<Vec, kWeighted>(acc + v * kNumStats, c, any_invalid);
+      AddTerms<Vec, kWeighted, kDefer>(acc + v * kAccumulatorSlots, c, any_invalid);
     }
     if (tail_lanes > 0) partial(row + full_vectors * kWidth, full_vectors, tail_lanes);
   }
@@ -333,7 +355,9 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
   }
   for (int64_t v = 0; v < g.vectors; ++v) {
     double* sums = lane_sums + v * kWidth;
-    for (int k = 0; k < kNumStats; ++k) FoldInto(acc[v * kNumStats + k], sums + k * g.padded);
+    const Vec* slots = acc + v * kAccumulatorSlots;
+    for (int k = 0; k < kNumStats; ++k) FoldInto(slots[k], sums + k * g.padded);
+    if constexpr (kDefer) FoldInto(Log1pWide(slots[kLogRunSlot]), sums + kCeSum * g.padded);
   }
   return AnyLane(any_invalid) ? CountInvalidLabels(z, count) : 0;
 }
@@ -439,7 +463,8 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
     std::vector<float> w_buf(kWeighted ? block : 0);
     std::vector<Compute> pos_weight(kPosWeighted ? geo.padded : 0, Compute(0));
     std::vector<double> lane_sums(kNumStats * geo.padded);
-    std::vector<typename Lanes<Compute, kForwardParts>::Vec> acc(geo.vectors * kNumStats);
+    std::vector<typename Lanes<Compute, kForwardParts>::Vec> acc(geo.vectors *
+                                                                 kAccumulatorSlots);
     for (int64_t index = first; index < last; ++index) {
       const Item item = ItemAt(s, plan, index);
       const ItemSpan span = SpanOf(s, item);

@@ -65,8 +65,9 @@ inline HwF MulAddHw(HwF a, HwF b, HwF c) {
 #endif
 }
 
-// 1/d for d in [1, 2] (the only use: 1/(1+e)). The hardware estimate (relative error
-// 2^-14 with AVX-512, 1.5·2^-12 with AVX) refined by one Newton step r' = r + r(1 - d r),
+// 1/d for d in [1, 2] (1/(1+e); also Log1pWide's small correction, d >= 1). The hardware
+// estimate (relative error 2^-14 with AVX-512, 1.5·2^-12 with AVX; any normal d) refined by
+// one Newton step r' = r + r(1 - d r),
 // which squares the error (measured over every float in [1, 2] with AVX2: max relative
 // error 1.5e-7, 1.3 ulp) instead of a 10-14 cycle division. NaN stays NaN.
 inline HwF ReciprocalHw(HwF d) {
@@ -202,6 +203,16 @@ template <int kParts>
 inline VecI<kParts> operator+(VecI<kParts> a, int32_t b) { return a + VecI<kParts>(b); }
 template <int kParts>
 inline VecI<kParts> operator<<(VecI<kParts> a, int s) { FSL_PARTS(VecI<kParts>, a.part[i] << s); }
+template <int kParts>
+inline VecI<kParts> operator>>(VecI<kParts> a, int s) { FSL_PARTS(VecI<kParts>, a.part[i] >> s); }
+template <int kParts>
+inline VecI<kParts> operator&(VecI<kParts> a, int32_t b) { FSL_PARTS(VecI<kParts>, a.part[i] & b); }
+template <int kParts>
+inline VecI<kParts> operator|(VecI<kParts> a, int32_t b) { FSL_PARTS(VecI<kParts>, a.part[i] | b); }
+template <int kParts>
+inline VecF<kParts> IntToFloat(VecI<kParts> v) {
+  FSL_PARTS(VecF<kParts>, __builtin_convertvector(v.part[i], HwF));
+}
 template <int kParts>
 inline VecF<kParts> operator-(VecF<kParts> a) { FSL_PARTS(VecF<kParts>, -a.part[i]); }
 template <int kParts>
