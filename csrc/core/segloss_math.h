@@ -190,10 +190,16 @@ struct SigmoidParts {
   T p_1mp;    // p·(1-p) = e/(1+e)^2
 };
 
+// e = exp(-|x|): the first half of every element's dependency chain.
 template <typename T>
-FSL_HD SigmoidParts<T> ComputeSigmoidParts(T x) {
+FSL_HD T ExpOfNegativeAbs(T x) { return ExpNonPositive(-Abs(x)); }
+
+// The parts from x and e = ExpOfNegativeAbs(x) (which the CPU forward computes one vector
+// ahead, see AccumulateBlock).
+template <typename T>
+FSL_HD SigmoidParts<T> ComputeSigmoidParts(T x, T e) {
   SigmoidParts<T> s;
-  s.e = ExpNonPositive(-Abs(x));
+  s.e = e;
   const T inv = Reciprocal(T(1) + s.e);
   const T e_inv = s.e * inv;
   // x >= 0 is false for NaN, so NaN flows into p through e.
@@ -202,6 +208,11 @@ FSL_HD SigmoidParts<T> ComputeSigmoidParts(T x) {
   s.one_m_p = Select(non_negative, e_inv, inv);
   s.p_1mp = e_inv * inv;
   return s;
+}
+
+template <typename T>
+FSL_HD SigmoidParts<T> ComputeSigmoidParts(T x) {
+  return ComputeSigmoidParts(x, ExpOfNegativeAbs(x));
 }
 
 // The pos_weight of a call that gave none (every class 1), as a type: the CPU forward pass
@@ -243,11 +254,11 @@ FSL_HD auto LabelPositive(T z) { return z >= T(0.5f); }
 // The eight statistics contributions of one element (DESIGN §2.1 table). PosWeight is T
 // (the class's pos_weight) or UnitPosWeight. kLogDeferred (UnitPosWeight and w = 1 only):
 // out[kCeSum] leaves out the log term log1p(e), and *deferred_e gets e, for the caller to
-// sum as Log1pProductStep runs.
+// sum as Log1pProductStep runs. e = ExpOfNegativeAbs(x) (ForwardTerms below computes it).
 template <typename T, bool kSquared, typename PosWeight, bool kLogDeferred = false>
-FSL_HD void ForwardTerms(T x, T z, T w, PosWeight pos_weight, T out[kNumStats],
-                         T* deferred_e = nullptr) {
-  const SigmoidParts<T> s = ComputeSigmoidParts(x);
+FSL_HD void ForwardTermsGivenExp(T x, T e, T z, T w, PosWeight pos_weight,
+                                 T out[kNumStats], T* deferred_e = nullptr) {
+  const SigmoidParts<T> s = ComputeSigmoidParts(x, e);
   const T zero(0);
   T ce;
   if constexpr (kLogDeferred) {
@@ -268,6 +279,13 @@ FSL_HD void ForwardTerms(T x, T z, T w, PosWeight pos_weight, T out[kNumStats],
   out[kHardTp] = Select(pred_hard & label_hard, w, zero);
   out[kHardPred] = Select(pred_hard, w, zero);
   out[kHardLabel] = Select(label_hard, w, zero);
+}
+
+template <typename T, bool kSquared, typename PosWeight, bool kLogDeferred = false>
+FSL_HD void ForwardTerms(T x, T z, T w, PosWeight pos_weight, T out[kNumStats],
+                         T* deferred_e = nullptr) {
+  ForwardTermsGivenExp<T, kSquared, PosWeight, kLogDeferred>(x, ExpOfNegativeAbs(x), z, w,
+                                                             pos_weight, out, deferred_e);
 }
 
 // dL/dx of one element given the upstream gradients of the differentiable columns
