@@ -347,7 +347,7 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
   // sigmoid and the sums) is longer than the out-of-order core looks ahead, so the loop
   // ran at the chain's latency; split in two, each iteration's halves are independent. The
   // same operations on the same values (the sums bit for bit); in cache (Zen 4,
-  // fsl_kernel_bench) the forward 9-16% faster, see the README's "Zen 4 runs of cc01fa6".
+  // fsl_kernel_bench) the forward 9-16% faster (README: "Zen 4 runs of cc01fa6 and 55f2e1f").
   const int64_t vectors = full_rows * full_vectors;
   Vec next_exp = vectors > 0 ? ExpOfNegativeAbs(Load<Vec>(x)) : Vec(0.0f);
   for (int64_t k = 0, i = 0, v = 0; k < vectors; ++k) {
