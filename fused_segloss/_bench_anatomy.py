@@ -30,7 +30,9 @@ INTERVALS = (
     ("tape.gradient returns, loss read", "end"),
 )
 SHORT_NAMES = ("checks", "stats op", "combine", "to grad", "grad op", "return")
-_OPS = {"fused_segloss_stats": "stats", "fused_segloss_stats_grad": "grad"}
+_OPS = {"fused_segloss_stats": "stats", "fused_segloss_stats_grad": "grad",
+        "fused_segloss_stats_with_label_bytes": "stats",
+        "fused_segloss_stats_grad_with_label_bytes": "grad"}
 
 
 class Anatomy(NamedTuple):

@@ -23,6 +23,7 @@ class PathSpec(NamedTuple):
     family: str        # "fused", "reference" (fused_segloss.reference) or "plain" (user-written TF)
     mode: str          # "eager", "function" (tf.function) or "xla" (tf.function(jit_compile=True))
     implementation: Optional[str]  # seg_loss's implementation= for the fused_segloss families
+    label_bytes: bool = True  # False: with fused_segloss.ops.label_bytes_enabled off
 
 
 PATHS = {p.name: p for p in (
@@ -31,6 +32,13 @@ PATHS = {p.name: p for p in (
     PathSpec("reference", "reference (eager)", "reference", "eager", "reference"),
     PathSpec("reference_function", "reference (tf.function)", "reference", "function", "reference"),
     PathSpec("reference_xla", "reference (XLA jit_compile)", "reference", "xla", "reference"),
+    # The fused eager step without the label bytes (ops.py): their effect, in the same rounds.
+    # Placed after a heavy path, as "fused" is (after plain_xla): each path of a round runs
+    # right after the one listed before it, and right after the fused step itself it would
+    # find the caches and TF's runtime warm (0.2-0.4 ms less at 64²-256² in a run that
+    # placed it there).
+    PathSpec("fused_no_label_bytes", "fused (eager, no label bytes)", "fused", "eager", "fused",
+             label_bytes=False),
     # seg_loss's own choice inside XLA: the FFI custom call once it exists, else the reference.
     # Its label is decided from the compiled HLO (see xla_auto_label).
     PathSpec("xla_auto", "xla (auto)", "fused", "xla", "auto"),
@@ -141,9 +149,21 @@ def _loss_function(spec: PathSpec, data_format):
     if spec.family == "plain":
         return lambda x, z, w: plain_bce_dice(x, z, w, data_format=data_format)
     import fused_segloss
+    from fused_segloss import ops
 
-    return lambda x, z, w: fused_segloss.seg_loss(
-        x, z, w, data_format=data_format, implementation=spec.implementation)
+    def loss(x, z, w):
+        return fused_segloss.seg_loss(x, z, w, data_format=data_format,
+                                      implementation=spec.implementation)
+    if spec.label_bytes:
+        return loss
+
+    def loss_without_label_bytes(x, z, w):
+        enabled, ops.label_bytes_enabled = ops.label_bytes_enabled, False
+        try:
+            return loss(x, z, w)
+        finally:
+            ops.label_bytes_enabled = enabled
+    return loss_without_label_bytes
 
 
 def make_step(spec: PathSpec, direction: str, data_format: str) -> Callable:

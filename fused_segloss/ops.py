@@ -3,12 +3,29 @@
 Paths (DESIGN §3): the fused TF op outside XLA, the XLA FFI custom call inside XLA
 (see _xla.py), and the pure-TF reference when the library is unavailable or asked for.
 """
+import os
+
 import tensorflow as tf
+from tensorflow.python.eager import record
 
 from . import _inputs, _loader, _xla, reference
 
 _OP_TYPE = "FusedSeglossStats"
 _GRAD_OP_TYPE = "FusedSeglossStatsGrad"
+_BYTES_OP_TYPE = "FusedSeglossStatsWithLabelBytes"
+_BYTES_GRAD_OP_TYPE = "FusedSeglossStatsGradWithLabelBytes"
+
+# Label bytes (LabelBytes in csrc/core/segloss_cpu.h): when a gradient will follow, the CPU
+# forward also writes float labels as one byte each (where every label is 0 or 1), and the
+# gradient pass reads those instead of the 2-8 byte labels. The gradient is the same bit for
+# bit; the two passes move 17 instead of 20 bytes per element with float32 inputs, and the
+# bytes hold 1/4 of float32 labels' memory from the forward to the backward. The kernel
+# writes them only for inputs (logits + labels) of at least label_bytes_min_input_bytes
+# (segloss_kernels_cpu.cc says why; tests lower it). Off on machines with a GPU (the ops
+# are CPU-only) and with FUSED_SEGLOSS_LABEL_BYTES=0.
+label_bytes_min_input_bytes = 32 << 20
+label_bytes_enabled = os.environ.get("FUSED_SEGLOSS_LABEL_BYTES", "1") != "0"
+_gpu_visible = []
 
 
 def library():
@@ -36,6 +53,16 @@ def _choose_path(implementation):
     return "fused"
 
 
+def label_bytes_wanted(labels):
+    """Whether the forward op that may write label bytes applies (see above); the caller
+    checks that a gradient will be taken."""
+    if not (label_bytes_enabled and labels.dtype.is_floating):
+        return False
+    if not _gpu_visible:
+        _gpu_visible.append(bool(tf.config.list_physical_devices("GPU")))
+    return not _gpu_visible[0]
+
+
 def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
                   data_format="channels_last", squared=False, implementation="auto",
                   check_numerics=False):
@@ -56,9 +83,14 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
             p.logits, "fused_segloss: `logits` contain NaN or Inf (check_numerics=True)"))
     if path == "reference":
         return reference.stats_from_prepared(p)
-    return library().fused_segloss_stats(
-        p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p),
-        data_format=p.data_format, squared=p.squared)
+    inputs = (p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p))
+    if label_bytes_wanted(p.labels) and record.should_record_backprop([p.logits]):
+        stats, _ = library().fused_segloss_stats_with_label_bytes(
+            *inputs, data_format=p.data_format, squared=p.squared,
+            min_input_bytes=label_bytes_min_input_bytes)
+        return stats
+    return library().fused_segloss_stats(*inputs, data_format=p.data_format,
+                                         squared=p.squared)
 
 
 @tf.RegisterGradient(_OP_TYPE)
@@ -70,9 +102,23 @@ def _stats_grad(op, grad_stats):
     return [grad_logits, None, None, None]
 
 
-@tf.RegisterGradient(_GRAD_OP_TYPE)
-def _stats_grad_grad(op, grad):
-    raise NotImplementedError(
-        f"Second-order gradients of fused_segloss are not implemented: the op {_GRAD_OP_TYPE} "
-        "(gradient of FusedSeglossStats) has no gradient. Use implementation='reference' "
-        "for higher-order derivatives.")
+@tf.RegisterGradient(_BYTES_OP_TYPE)
+def _stats_with_label_bytes_grad(op, grad_stats, _):
+    """The same pass, reading the forward's label bytes (output 1) where it wrote them."""
+    grad_logits = library().fused_segloss_stats_grad_with_label_bytes(
+        op.inputs[0], op.inputs[1], op.outputs[1], op.inputs[2], op.inputs[3], grad_stats,
+        data_format=op.get_attr("data_format"), squared=op.get_attr("squared"))
+    return [grad_logits, None, None, None]
+
+
+def _no_second_order(op_type):
+    def gradient(op, grad):
+        raise NotImplementedError(
+            f"Second-order gradients of fused_segloss are not implemented: the op {op_type} "
+            "(gradient of FusedSeglossStats) has no gradient. Use implementation='reference' "
+            "for higher-order derivatives.")
+    return gradient
+
+
+tf.RegisterGradient(_GRAD_OP_TYPE)(_no_second_order(_GRAD_OP_TYPE))
+tf.RegisterGradient(_BYTES_GRAD_OP_TYPE)(_no_second_order(_BYTES_GRAD_OP_TYPE))

@@ -492,7 +492,61 @@ void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t cou
 
 struct Counts {
   int64_t invalid_labels = 0, invalid_weights = 0, nonfinite_logits = 0;
+  bool nonbinary_labels = false;  // a label other than 0 and 1 (LabelBytes only)
 };
+
+// One block's labels as bytes for LabelBytes: 1 where the label is exactly 1, else 0.
+// Returns whether any label was neither 0 nor 1 (the bytes are then not used). Run right
+// after the block's AccumulateBlock, so its labels come from L1/L2 rather than memory;
+// compared in the labels' own precision (a float64 label of 1 - 1e-12 is not binary).
+// (__restrict: uint8_t may alias anything, and GCC would not vectorise the loop without it.)
+template <typename LabelT>
+bool WriteLabelBytesPlain(const LabelT* __restrict z, int64_t n, uint8_t* __restrict out) {
+  using Value = decltype(ToCompute(z[0]));
+  unsigned nonbinary = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const Value v = ToCompute(z[i]);
+    out[i] = static_cast<uint8_t>(v == Value(1));
+    nonbinary |= static_cast<unsigned>((v != Value(0)) & (v != Value(1)));
+  }
+  return nonbinary != 0;
+}
+
+template <typename LabelT>
+bool WriteLabelBytes(const LabelT* z, int64_t n, uint8_t* out) {
+  return WriteLabelBytesPlain(z, n, out);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// float32 labels: 64 at a time, the bytes written with non-temporal stores (they are read
+// once, by the gradient pass after the whole forward, so caching them only evicts data).
+template <>
+bool WriteLabelBytes(const float* __restrict z, int64_t n, uint8_t* __restrict out) {
+  int64_t i = 0;
+  bool nonbinary = false;
+  const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(out) % 64) % 64);
+  nonbinary |= WriteLabelBytesPlain(z, head, out);  // up to the first 64-byte line
+  i = head;
+  const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
+  __mmask16 binary = 0xFFFF;  // lanes where every label so far was 0 or 1
+  for (; i + 64 <= n; i += 64) {
+    uint64_t ones = 0;
+    for (int k = 0; k < 4; ++k) {
+      const __m512 v = _mm512_loadu_ps(z + i + 16 * k);
+      const __mmask16 is_one = _mm512_cmp_ps_mask(v, one, _CMP_EQ_OQ);
+      ones |= uint64_t{is_one} << (16 * k);
+      binary &= is_one | _mm512_cmp_ps_mask(v, zero, _CMP_EQ_OQ);
+    }
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out + i),
+                        _mm512_maskz_set1_epi8(ones, 1));
+  }
+  nonbinary |= binary != 0xFFFF;
+  return nonbinary | WriteLabelBytesPlain(z + i, n - i, out + i);
+}
+inline void FenceLabelBytes() { _mm_sfence(); }
+#else
+inline void FenceLabelBytes() {}
+#endif
 
 std::string CountsError(const Counts& counts) {
   if (counts.nonfinite_logits > 0) {
@@ -503,7 +557,8 @@ std::string CountsError(const Counts& counts) {
 }
 
 template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted, bool kPosWeighted>
-std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, float* stats) {
+std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, float* stats,
+                      LabelBytes* label_bytes) {
   using Compute = typename ComputeTypeOf<LogitT>::type;
   const ProblemShape& s = p.shape;
   const StatsWorkPlan plan = MakeStatsWorkPlan(s);
@@ -515,6 +570,7 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
   std::vector<Counts> item_counts(plan.num_items);
   const auto* logits = static_cast<const LogitT*>(p.logits);
   const auto* labels = static_cast<const LabelT*>(p.labels);
+  uint8_t* bytes = label_bytes != nullptr ? label_bytes->data : nullptr;
 
   auto run_items = [&](int64_t first, int64_t last) {
     const int64_t block = geo.block_rows * geo.period;
@@ -546,6 +602,9 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
         if (p.check_numerics) counts.nonfinite_logits += CountNonFinite(x, n);
         counts.invalid_labels += AccumulateBlock<Compute, kSquared, kWeighted, kPosWeighted>(
             x, z, w, n, geo, pos_weight.data(), acc.data(), lane_sums.data());
+        if (bytes != nullptr) {
+          counts.nonbinary_labels |= WriteLabelBytes(z, n, bytes + span.base + offset);
+        }
       }
       // Lanes -> the item's classes, C lanes at a time (the period is a multiple of C
       // for channels_last; channels_first has one class per item), each class's lanes
@@ -566,17 +625,24 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
       }
     }
   };
-  // Cost hint: ~2 ns per element.
-  parallel_for(plan.num_items, plan.positions_per_item * classes_per_item * 2, run_items);
+  // Cost hint: ~2 ns per element. The fence: WriteLabelBytes' non-temporal stores are
+  // weakly ordered; they must be visible before the op's output is handed on.
+  parallel_for(plan.num_items, plan.positions_per_item * classes_per_item * 2,
+               [&](int64_t first, int64_t last) {
+                 run_items(first, last);
+                 if (bytes != nullptr) FenceLabelBytes();
+               });
 
   Counts total;
   for (const Counts& c : item_counts) {
     total.invalid_labels += c.invalid_labels;
     total.invalid_weights += c.invalid_weights;
     total.nonfinite_logits += c.nonfinite_logits;
+    total.nonbinary_labels |= c.nonbinary_labels;
   }
   const std::string error = CountsError(total);
   if (!error.empty()) return error;
+  if (label_bytes != nullptr) label_bytes->all_binary = !total.nonbinary_labels;
 
   // Combine partials in item order (fixed), then round to float32.
   std::vector<double> sums(s.batch * s.classes * kNumStats, 0.0);
@@ -679,7 +745,8 @@ std::string WithVariant(const SeglossProblem& p, Fn&& fn) {
 
 template <typename LogitT, typename LabelT>
 struct StatsFn {
-  static std::string Run(const SeglossProblem& p, const ParallelFor& pf, float* stats) {
+  static std::string Run(const SeglossProblem& p, const ParallelFor& pf, float* stats,
+                         LabelBytes* label_bytes) {
     // Without pos_weight the forward takes the short cross-entropy (segloss_math.h), a
     // compile-time variant of its own (the gradient's saving would be one operation). Not
     // for float64 logits, whose one-lane loop is bound by its library exp and log1p: the
@@ -689,10 +756,12 @@ struct StatsFn {
     return WithVariant(p, [&](auto squared, auto weighted) {
       if constexpr (kShortCrossEntropy) {
         if (p.pos_weight == nullptr) {
-          return StatsImpl<LogitT, LabelT, squared.value, weighted.value, false>(p, pf, stats);
+          return StatsImpl<LogitT, LabelT, squared.value, weighted.value, false>(
+              p, pf, stats, label_bytes);
         }
       }
-      return StatsImpl<LogitT, LabelT, squared.value, weighted.value, true>(p, pf, stats);
+      return StatsImpl<LogitT, LabelT, squared.value, weighted.value, true>(p, pf, stats,
+                                                                            label_bytes);
     });
   }
 };
@@ -787,11 +856,22 @@ std::string ValidatePosWeight(const SeglossProblem& p) {
 }
 
 std::string ComputeStatsCpu(const SeglossProblem& problem, const ParallelFor& parallel_for,
-                            float* stats_out) {
+                            float* stats_out, LabelBytes* label_bytes) {
   std::string error = ValidateProblem(problem);
   if (error.empty()) error = ValidatePosWeight(problem);
   if (!error.empty()) return error;
-  return Dispatch<StatsFn>(problem, parallel_for, stats_out);
+  if (label_bytes != nullptr) {
+    label_bytes->all_binary = false;
+    const DType d = problem.labels_dtype;
+    if (d == DType::kUInt8 || d == DType::kBool) {
+      return "label bytes are only written for float labels (these labels are 1 byte already)";
+    }
+    const ProblemShape& s = problem.shape;
+    if (label_bytes->data == nullptr && s.batch * s.positions * s.classes > 0) {
+      return "the label bytes' buffer must not be null";
+    }
+  }
+  return Dispatch<StatsFn>(problem, parallel_for, stats_out, label_bytes);
 }
 
 std::string ComputeLogitGradCpu(const SeglossProblem& problem, const float* grad_stats,

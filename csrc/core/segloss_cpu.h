@@ -51,11 +51,23 @@ std::string InvalidValuesMessage(int64_t invalid_labels, int64_t invalid_weights
 // Checks the host-side pos_weight values (finite, >= 0). Returns "" or a message.
 std::string ValidatePosWeight(const SeglossProblem& problem);
 
+// An optional second output of the forward pass, for float labels: every label as one
+// byte (1 where it is exactly 1, else 0) in the labels' layout, and whether every label
+// was exactly 0 or 1. Where it was, the gradient pass reads these bytes as uint8 labels
+// instead of the float labels (the same gradient bit for bit, 1 byte read per element
+// instead of 2-8); otherwise the bytes are not to be used. `data` holds one byte per
+// element of the labels.
+struct LabelBytes {
+  uint8_t* data = nullptr;
+  bool all_binary = false;  // set by the pass
+};
+
 // stats_out: float32 [B, C, 8]. Returns "" or an error message (invalid labels or
 // weights are detected during the pass). Bitwise deterministic for any ParallelFor:
 // the work is cut into fixed items whose partial sums are combined in a fixed order.
+// label_bytes: optional (see LabelBytes); float labels only.
 std::string ComputeStatsCpu(const SeglossProblem& problem, const ParallelFor& parallel_for,
-                            float* stats_out);
+                            float* stats_out, LabelBytes* label_bytes = nullptr);
 
 // grad_stats: float32 [B, C, 8] (dL/dstats). grad_logits_out: same shape and dtype as
 // the logits. Returns "" or an error message.

@@ -35,11 +35,17 @@ struct TensorDims {
   int rank;
 };
 
-// ctx inputs: logits, labels, weights, pos_weight (in that order).
+// The ctx inputs logits, labels, weights, pos_weight: at indices 0-3 unless `at` says
+// otherwise (an op with an input between them).
+struct OperandIndices {
+  int logits = 0, labels = 1, weights = 2, pos_weight = 3;
+};
+
 inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool channels_last,
-                                      bool squared, fused_segloss::SeglossProblem* p) {
-  const tensorflow::Tensor* inputs[4] = {&ctx->input(0), &ctx->input(1), &ctx->input(2),
-                                         &ctx->input(3)};
+                                      bool squared, fused_segloss::SeglossProblem* p,
+                                      OperandIndices at = {}) {
+  const tensorflow::Tensor* inputs[4] = {&ctx->input(at.logits), &ctx->input(at.labels),
+                                         &ctx->input(at.weights), &ctx->input(at.pos_weight)};
   const char* names[4] = {"logits", "labels", "weights", "pos_weight"};
   TensorDims dims[4] = {TensorDims(*inputs[0]), TensorDims(*inputs[1]), TensorDims(*inputs[2]),
                         TensorDims(*inputs[3])};
