@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,3 +328,30 @@ def test_anatomy_conditions_do_what_they_are_named_for():
     copy()
     np.testing.assert_array_equal(copy.target, copy.source)
     assert copy.source.all()
+
+
+@needs_library
+def test_label_bytes_ab_alternates_the_setting_and_restores_it(monkeypatch, capsys):
+    """benchmarks/label_bytes_ab.py: the 'on' blocks run the label-bytes ops, the 'off'
+    blocks the plain ones, in alternating order, and the setting is restored after."""
+    import importlib.util
+
+    from fused_segloss import ops
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "label_bytes_ab.py"
+    spec = importlib.util.spec_from_file_location("label_bytes_ab", path)
+    ab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ab)
+    monkeypatch.setattr(ops, "label_bytes_min_input_bytes", 0)
+    seen = []
+    measure = _bench_anatomy.measure
+
+    def recording_measure(shape, steps, **kwargs):
+        seen.append(ops.label_bytes_enabled)
+        return measure(shape, steps, **kwargs)
+    monkeypatch.setattr(ab.anatomy, "measure", recording_measure)
+    assert ab.main(["--sizes", "16", "--blocks", "2", "--steps", "2"]) == 0
+    assert seen == [True, False, False, True] * 2  # 2 conditions x 2 blocks
+    assert ops.label_bytes_enabled is True
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("on/off" in line and "grad op" in line for line in out)

@@ -158,6 +158,9 @@ class _Recorder:
 
 @pytest.fixture
 def low_threshold(monkeypatch):
+    """The kernels write bytes at any size; skips where seg_loss does not use them at all."""
+    if not ops.label_bytes_wanted(tf.constant([0.0])):
+        pytest.skip("label bytes are off here (a GPU is visible, or FUSED_SEGLOSS_LABEL_BYTES=0)")
     monkeypatch.setattr(ops, "label_bytes_min_input_bytes", 0)
 
 
@@ -217,17 +220,3 @@ def test_graph_uses_the_bytes_only_under_a_tape(problem, low_threshold):
     eager_loss, eager_grad = _loss_and_grad(prob)
     assert loss.numpy() == eager_loss
     np.testing.assert_array_equal(grad.numpy(), eager_grad)
-
-
-def test_second_order_gradient_names_the_bytes_op(problem, low_threshold):
-    prob = problem()
-    logits = tf.constant(prob.logits)
-    with pytest.raises(Exception, match="FusedSeglossStatsGradWithLabelBytes"):
-        with tf.GradientTape() as outer:
-            outer.watch(logits)
-            with tf.GradientTape() as inner:
-                inner.watch(logits)
-                loss = fsl.seg_loss(logits, prob.labels, implementation="fused",
-                                    check_numerics=True)
-            grad = inner.gradient(loss, logits)
-        outer.gradient(grad, logits)
