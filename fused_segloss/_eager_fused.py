@@ -189,21 +189,15 @@ def _recorded_result(traced, tensors, options):
     label_bytes = None  # the labels as bytes for the gradient pass (see ops.py)
     with record.stop_recording():
         if ops.label_bytes_wanted(labels):
-            stats, label_bytes = ops.library().fused_segloss_stats_with_label_bytes(
-                logits, labels, weights, pos_weight, data_format=options[0],
-                squared=options[1], min_input_bytes=ops.label_bytes_min_input_bytes)
+            stats, label_bytes = ops.stats_with_label_bytes(logits, labels, weights,
+                                                            pos_weight, *options[:2])
         else:
             stats = _stats(tensors, options)
         total, *fields, d_stats, d_class_weights = combine(stats, class_weights)
 
     def stats_backward(grad_stats):
-        library, attrs = ops.library(), dict(data_format=options[0], squared=options[1])
-        if label_bytes is not None:
-            grad_logits = library.fused_segloss_stats_grad_with_label_bytes(
-                logits, labels, label_bytes, weights, pos_weight, grad_stats, **attrs)
-        else:
-            grad_logits = library.fused_segloss_stats_grad(logits, labels, weights, pos_weight,
-                                                           grad_stats, **attrs)
+        grad_logits = ops.logit_grad(logits, labels, label_bytes, weights, pos_weight,
+                                     grad_stats, *options[:2])
         return [grad_logits, None, None, None]
 
     def total_backward(d_total):

@@ -63,6 +63,26 @@ def label_bytes_wanted(labels):
     return not _gpu_visible[0]
 
 
+def stats_with_label_bytes(logits, labels, weights, pos_weight, data_format, squared):
+    """(stats, label_bytes) from the forward op that may write label bytes; the four
+    inputs as the kernels take them (canonical weights, pos_weight or its sentinel)."""
+    return library().fused_segloss_stats_with_label_bytes(
+        logits, labels, weights, pos_weight, data_format=data_format, squared=squared,
+        min_input_bytes=label_bytes_min_input_bytes)
+
+
+def logit_grad(logits, labels, label_bytes, weights, pos_weight, grad_stats, data_format,
+               squared):
+    """The fused gradient op; the one that reads the forward's label bytes where there are
+    any (label_bytes not None), else the plain one."""
+    attrs = dict(data_format=data_format, squared=squared)
+    if label_bytes is None:
+        return library().fused_segloss_stats_grad(logits, labels, weights, pos_weight,
+                                                  grad_stats, **attrs)
+    return library().fused_segloss_stats_grad_with_label_bytes(
+        logits, labels, label_bytes, weights, pos_weight, grad_stats, **attrs)
+
+
 def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
                   data_format="channels_last", squared=False, implementation="auto",
                   check_numerics=False):
@@ -85,30 +105,28 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
         return reference.stats_from_prepared(p)
     inputs = (p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p))
     if label_bytes_wanted(p.labels) and record.should_record_backprop([p.logits]):
-        stats, _ = library().fused_segloss_stats_with_label_bytes(
-            *inputs, data_format=p.data_format, squared=p.squared,
-            min_input_bytes=label_bytes_min_input_bytes)
-        return stats
+        return stats_with_label_bytes(*inputs, p.data_format, p.squared)[0]
     return library().fused_segloss_stats(*inputs, data_format=p.data_format,
                                          squared=p.squared)
 
 
+def _op_logit_grad(op, label_bytes, grad_stats):
+    """One fused backward pass; labels, weights and pos_weight get no gradient."""
+    logits, labels, weights, pos_weight = op.inputs[:4]
+    grad_logits = logit_grad(logits, labels, label_bytes, weights, pos_weight, grad_stats,
+                             op.get_attr("data_format"), op.get_attr("squared"))
+    return [grad_logits, None, None, None]
+
+
 @tf.RegisterGradient(_OP_TYPE)
 def _stats_grad(op, grad_stats):
-    """One fused backward pass; labels, weights and pos_weight get no gradient."""
-    grad_logits = library().fused_segloss_stats_grad(
-        op.inputs[0], op.inputs[1], op.inputs[2], op.inputs[3], grad_stats,
-        data_format=op.get_attr("data_format"), squared=op.get_attr("squared"))
-    return [grad_logits, None, None, None]
+    return _op_logit_grad(op, None, grad_stats)
 
 
 @tf.RegisterGradient(_BYTES_OP_TYPE)
 def _stats_with_label_bytes_grad(op, grad_stats, _):
     """The same pass, reading the forward's label bytes (output 1) where it wrote them."""
-    grad_logits = library().fused_segloss_stats_grad_with_label_bytes(
-        op.inputs[0], op.inputs[1], op.outputs[1], op.inputs[2], op.inputs[3], grad_stats,
-        data_format=op.get_attr("data_format"), squared=op.get_attr("squared"))
-    return [grad_logits, None, None, None]
+    return _op_logit_grad(op, op.outputs[1], grad_stats)
 
 
 def _no_second_order(op_type):

@@ -522,11 +522,9 @@ bool WriteLabelBytes(const LabelT* z, int64_t n, uint8_t* out) {
 // once, by the gradient pass after the whole forward, so caching them only evicts data).
 template <>
 bool WriteLabelBytes(const float* __restrict z, int64_t n, uint8_t* __restrict out) {
-  int64_t i = 0;
-  bool nonbinary = false;
-  const int64_t head = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(out) % 64) % 64);
-  nonbinary |= WriteLabelBytesPlain(z, head, out);  // up to the first 64-byte line
-  i = head;
+  // Plainly up to the first 64-byte line of the output, then whole lines.
+  int64_t i = std::min<int64_t>(n, (64 - reinterpret_cast<uintptr_t>(out) % 64) % 64);
+  const bool head_nonbinary = WriteLabelBytesPlain(z, i, out);
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
   __mmask16 binary = 0xFFFF;  // lanes where every label so far was 0 or 1
   for (; i + 64 <= n; i += 64) {
@@ -540,8 +538,8 @@ bool WriteLabelBytes(const float* __restrict z, int64_t n, uint8_t* __restrict o
     _mm512_stream_si512(reinterpret_cast<__m512i*>(out + i),
                         _mm512_maskz_set1_epi8(ones, 1));
   }
-  nonbinary |= binary != 0xFFFF;
-  return nonbinary | WriteLabelBytesPlain(z + i, n - i, out + i);
+  const bool tail_nonbinary = WriteLabelBytesPlain(z + i, n - i, out + i);
+  return head_nonbinary | (binary != 0xFFFF) | tail_nonbinary;
 }
 inline void FenceLabelBytes() { _mm_sfence(); }
 #else
