@@ -1,18 +1,22 @@
 """Builds fused_segloss's compiled parts with CMake against the *installed* TensorFlow.
 
-Install with `pip install --no-build-isolation -e .` (or without -e): an isolated build
-environment would download its own TensorFlow, and an op library compiled against one
-TensorFlow version does not load in another. Build options come from the environment:
+Install with `pip install --no-build-isolation .` (add -e for development): an isolated
+build environment would download its own TensorFlow, and an op library compiled against
+one TensorFlow version does not load in another. So the build runs in the user's
+environment, with the build tools of pyproject.toml's [build-system] (a `cmake` on the
+PATH is enough for the op library; pybind11 adds the `_core` test module; ninja is
+optional). Build options come from the environment:
 FUSED_SEGLOSS_CUDA=AUTO|ON|OFF, FUSED_SEGLOSS_NATIVE=ON|OFF, FUSED_SEGLOSS_SANITIZE=ON|OFF,
 CMAKE_BUILD_PARALLEL_LEVEL.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -56,6 +60,9 @@ class CMakeBuild(build_ext):
             cache = (build_dir / "CMakeCache.txt").read_text()
             if ("Ninja" in cache) != ("-GNinja" in args):
                 (build_dir / "CMakeCache.txt").unlink()
+        if shutil.which("cmake") is None:
+            raise RuntimeError("fused_segloss needs CMake >= 3.18 to build: `pip install cmake` "
+                               "(pyproject.toml's [build-system] lists every build tool)")
         subprocess.check_call(["cmake", str(ROOT), *args], cwd=build_dir)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.check_call(["cmake", "--build", ".", "-j", jobs], cwd=build_dir)
@@ -76,15 +83,25 @@ class CMakeBuild(build_ext):
             os.replace(tmp, dest)
 
 
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (ROOT / "fused_segloss" / "_version.py").read_text()).group(1)
+
 setup(
     name="fused_segloss",
-    version="0.1.0",
-    description="Fused sigmoid cross-entropy + soft Dice loss for multi-label segmentation in TensorFlow/Keras",
-    packages=["fused_segloss"],
+    version=VERSION,
+    description="Fused sigmoid cross-entropy + soft Dice loss for segmentation in TensorFlow/Keras",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["fused_segloss", "fused_segloss.*"]),
     package_data={"fused_segloss": ["_build_info.json", "*.so"]},
     ext_modules=[CMakeExtension("fused_segloss._segloss_ops"), CMakeExtension("fused_segloss._core")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
+    # TensorFlow is not declared here: the build needs it installed already (CMake reads
+    # its flags), and a declared `tensorflow` would make pip replace a user's
+    # tensorflow-cpu or nightly build. requirements.txt gives the supported range.
     install_requires=["numpy"],
+    extras_require={"plot": ["matplotlib"]},
     zip_safe=False,
 )

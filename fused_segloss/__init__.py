@@ -1,49 +1,81 @@
-"""fused_segloss: fused sigmoid cross-entropy + soft Dice for multi-label segmentation.
+"""fused_segloss: sigmoid cross-entropy + per-class soft Dice for TensorFlow, in one fused pass.
 
     stats = segloss_stats(logits, labels, weights=None, pos_weight=None, *,
                           data_format="channels_last", squared=False, implementation="auto")
     res = combine(stats, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=1e-5,
                   empty="include", class_weights=None)
     loss = seg_loss(logits, labels, ...)   # == res.total
+
+`fused_segloss.keras` (SegLoss, SegMetrics) is imported on first use, so that importing
+the package does not import Keras.
 """
-from . import _eager_fused, reference
+from . import reference
+from ._columns import STAT_COLUMNS, Column
 from ._loader import FusedSeglossFallbackWarning
+from ._version import __version__
 from .combine import SegLossResult, combine
 from .ops import fused_available, segloss_stats
-from .reference import STAT_COLUMNS
-
-__version__ = "0.1.0"
 
 _STATS_OPTIONS = ("data_format", "squared", "implementation", "check_numerics")
 _COMBINE_OPTIONS = ("ce_weight", "dice_weight", "dice_mode", "smooth", "empty", "class_weights")
 
 
 def seg_loss_result(logits, labels, weights=None, pos_weight=None, **options) -> SegLossResult:
-    """segloss_stats followed by combine; options are the keywords of both."""
+    """The loss and every class's terms: `combine(segloss_stats(...), ...)`.
+
+    Args:
+      logits, labels, weights, pos_weight: as in `segloss_stats`.
+      **options: the keywords of `segloss_stats` (data_format, squared, implementation,
+        check_numerics) and of `combine` (ce_weight, dice_weight, dice_mode, smooth,
+        empty, class_weights).
+
+    Returns:
+      A `SegLossResult`: total, ce, dice_loss and the [C] vectors ce_per_class,
+      dice_per_class, iou_per_class, loss_per_class.
+
+    Raises:
+      ValueError: an unknown option, or a bad value (see segloss_stats and combine).
+
+    >>> import numpy as np, fused_segloss as fsl
+    >>> logits = np.where(np.eye(3, dtype=bool)[None], 9.0, -9.0).astype(np.float32)
+    >>> res = fsl.seg_loss_result(logits, np.eye(3, dtype=np.float32)[None])
+    >>> res.iou_per_class.numpy(), round(float(res.total), 4)
+    (array([1., 1., 1.], dtype=float32), 0.0003)
+    """
     unknown = set(options) - set(_STATS_OPTIONS) - set(_COMBINE_OPTIONS)
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are "
                          f"{list(_STATS_OPTIONS + _COMBINE_OPTIONS)}")
-    if _eager_fused.applicable(options):  # one traced call instead of several
-        return _eager_fused.result(logits, labels, weights, pos_weight, **options)
     stats = segloss_stats(logits, labels, weights, pos_weight,
                           **{k: v for k, v in options.items() if k in _STATS_OPTIONS})
     return combine(stats, **{k: v for k, v in options.items() if k in _COMBINE_OPTIONS})
 
 
 def seg_loss(logits, labels, weights=None, pos_weight=None, **options):
-    """The scalar total loss (float32); see seg_loss_result for every term."""
+    """The scalar total loss (float32): `seg_loss_result(...).total`.
+
+    Formula: total = ce_weight · CE + dice_weight · (1 − Dice), where CE is the
+    class-weighted mean of each class's weighted-mean cross-entropy and Dice the
+    class-weighted mean soft Dice (see `combine`).
+
+    >>> import numpy as np, fused_segloss as fsl
+    >>> logits = np.zeros([2, 8, 8, 3], np.float32)
+    >>> labels = np.ones([2, 8, 8, 3], np.float32)
+    >>> round(float(fsl.seg_loss(logits, labels)), 4)   # log(2) + (1 - 2/3)
+    1.0265
+    """
     return seg_loss_result(logits, labels, weights, pos_weight, **options).total
 
 
 def __getattr__(name):
-    # `fsl.keras` is imported lazily so that importing the package does not import Keras.
-    if name == "keras":
+    # `fsl.keras` and `fsl.demo` are imported lazily: importing the package stays light.
+    if name in ("keras", "demo"):
         import importlib
 
-        return importlib.import_module(".keras", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fused_segloss' has no attribute {name!r}")
 
 
 __all__ = ["segloss_stats", "combine", "seg_loss", "seg_loss_result", "SegLossResult",
-           "reference", "STAT_COLUMNS", "fused_available", "FusedSeglossFallbackWarning"]
+           "reference", "STAT_COLUMNS", "Column", "fused_available",
+           "FusedSeglossFallbackWarning", "__version__"]

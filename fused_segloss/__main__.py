@@ -1,4 +1,5 @@
 """Command line: `python -m fused_segloss demo [...]` or `python -m fused_segloss bench [...]`."""
+import os
 import sys
 
 USAGE = """usage: python -m fused_segloss COMMAND [options]
@@ -11,6 +12,8 @@ commands:
 
 
 def main(argv=None):
+    # TensorFlow's C++ start-up chatter hides the output; a user's own setting wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
@@ -21,7 +24,7 @@ def main(argv=None):
 
         return demo_main(rest)
     if command == "bench":
-        from . import bench  # written by the benchmark issue; takes its own arguments
+        from . import bench
 
         return bench.main(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)

@@ -110,6 +110,20 @@ def prepare(logits, labels, weights=None, pos_weight=None, data_format="channels
     return Prepared(logits, labels, weights, pos_weight, channels_last, squared)
 
 
+def float_tuple(values, name):
+    """A JSON-friendly tuple of floats (for get_config), or None."""
+    if values is None:
+        return None
+    if isinstance(values, (tf.Tensor, tf.Variable)):
+        values = tf.get_static_value(values) if isinstance(values, tf.Tensor) else values.numpy()
+        if values is None:
+            raise ValueError(f"`{name}` must be known when the loss is built (a list of numbers)")
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim != 1 or array.size == 0 or not np.all(np.isfinite(array)) or (array < 0).any():
+        raise ValueError(f"`{name}` must be a non-empty list of finite numbers >= 0, got {values!r}")
+    return tuple(float(v) for v in array)
+
+
 def _dims(t):
     """Static dims where known, else dynamic scalars (for tf.reshape)."""
     dynamic = tf.shape(t)

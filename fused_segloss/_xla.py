@@ -1,4 +1,4 @@
-"""The XLA path (DESIGN §3): the fused kernels as typed-FFI custom calls inside XLA.
+"""The XLA path: the fused kernels as typed-FFI custom calls inside XLA.
 
 Inside tf.function(jit_compile=True) or Keras' XLA-compiled train step a TF custom op has
 no XLA kernel, so the statistics op and its gradient are emitted as StableHLO
@@ -264,8 +264,7 @@ def stats(prepared, check_numerics=False, _checked=False):
             if forward_was_xla or in_xla_context():
                 return _call(GRAD_TARGET, p, operands + (grad_stats,), logits.dtype,
                              logits.shape)
-            from .ops import library  # here: ops imports this module
-            return library().fused_segloss_stats_grad(
+            return _loader.status().module.fused_segloss_stats_grad(
                 *operands, grad_stats, data_format=p.data_format, squared=p.squared)
 
         return result, grad

@@ -1,39 +1,32 @@
-"""The public statistics op: input checks, path choice and gradients.
+"""`segloss_stats`: the one dispatch between the fused op, the XLA custom call and the reference.
 
-Paths (DESIGN §3): the fused TF op outside XLA, the XLA FFI custom call inside XLA
-(see _xla.py), and the pure-TF reference when the library is unavailable or asked for.
+    segloss_stats(...) -> _inputs.prepare (every static check, once)
+                       -> fused TF op       outside XLA, library loaded
+                       |  XLA custom call   inside XLA-compiled code (_xla.py)
+                       |  reference         pure TF: library unavailable, or asked for
+                       -> [B, C, 8] float32, then `combine` turns it into the loss.
+
+The gradient of the fused op is registered here, once; the XLA path carries its own
+(a tf.custom_gradient in _xla.py, since a custom call is not a TF op).
 """
-import os
-
 import tensorflow as tf
-from tensorflow.python.eager import record
 
 from . import _inputs, _loader, _xla, reference
 
 _OP_TYPE = "FusedSeglossStats"
 _GRAD_OP_TYPE = "FusedSeglossStatsGrad"
-_BYTES_OP_TYPE = "FusedSeglossStatsWithLabelBytes"
-_BYTES_GRAD_OP_TYPE = "FusedSeglossStatsGradWithLabelBytes"
-
-# Label bytes (LabelBytes in csrc/core/segloss_cpu.h): when a gradient will follow, the CPU
-# forward also writes float labels as one byte each (where every label is 0 or 1), and the
-# gradient pass reads those instead of the 2-8 byte labels. The gradient is the same bit for
-# bit; the two passes move 17 instead of 20 bytes per element with float32 inputs, and the
-# bytes hold 1/4 of float32 labels' memory from the forward to the backward. The kernel
-# writes them only for inputs (logits + labels) of at least label_bytes_min_input_bytes
-# (segloss_kernels_cpu.cc says why; tests lower it). Off on machines with a GPU (the ops
-# are CPU-only) and with FUSED_SEGLOSS_LABEL_BYTES=0.
-label_bytes_min_input_bytes = 32 << 20
-label_bytes_enabled = os.environ.get("FUSED_SEGLOSS_LABEL_BYTES", "1") != "0"
-_gpu_visible = []
-
-
-def library():
-    """The loaded op module, or None."""
-    return _loader.status().module
 
 
 def fused_available():
+    """Whether the compiled op library is loaded (else every call uses the reference).
+
+    Returns:
+      bool. When False, `fused_segloss._loader.status().reason` says why.
+
+    >>> import fused_segloss as fsl
+    >>> isinstance(fsl.fused_available(), bool)
+    True
+    """
     return _loader.status().available
 
 
@@ -53,44 +46,48 @@ def _choose_path(implementation):
     return "fused"
 
 
-def label_bytes_wanted(labels):
-    """Whether the forward op that may write label bytes applies (see above); the caller
-    checks that a gradient will be taken."""
-    if not (label_bytes_enabled and labels.dtype.is_floating):
-        return False
-    if not _gpu_visible:
-        _gpu_visible.append(bool(tf.config.list_physical_devices("GPU")))
-    return not _gpu_visible[0]
-
-
-def stats_with_label_bytes(logits, labels, weights, pos_weight, data_format, squared):
-    """(stats, label_bytes) from the forward op that may write label bytes; the four
-    inputs as the kernels take them (canonical weights, pos_weight or its sentinel)."""
-    return library().fused_segloss_stats_with_label_bytes(
-        logits, labels, weights, pos_weight, data_format=data_format, squared=squared,
-        min_input_bytes=label_bytes_min_input_bytes)
-
-
-def logit_grad(logits, labels, label_bytes, weights, pos_weight, grad_stats, data_format,
-               squared):
-    """The fused gradient op; the one that reads the forward's label bytes where there are
-    any (label_bytes not None), else the plain one."""
-    attrs = dict(data_format=data_format, squared=squared)
-    if label_bytes is None:
-        return library().fused_segloss_stats_grad(logits, labels, weights, pos_weight,
-                                                  grad_stats, **attrs)
-    return library().fused_segloss_stats_grad_with_label_bytes(
-        logits, labels, label_bytes, weights, pos_weight, grad_stats, **attrs)
-
-
 def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
                   data_format="channels_last", squared=False, implementation="auto",
                   check_numerics=False):
-    """Per-image, per-class sums [B, C, 8] (float32) in one pass over the data.
+    """Per-image, per-class sums [B, C, 8] in one pass over the data.
 
-    Columns: ce_sum, weight_sum, intersection, pred_sum, label_sum, hard_tp, hard_pred,
-    hard_label (DESIGN §2.1). `weights` broadcasts to the logits' shape (w = 0 ignores an
-    element); `pos_weight` is [C]. Gradients flow to `logits` only.
+    Formula (per element, p = sigmoid(x), k = 2 if `squared` else 1,
+    ce = pos_weight[c]·z·softplus(-x) + (1 - z)·softplus(x)); each column sums over the
+    spatial positions of one image and class:
+
+        ce_sum = Σ w·ce     weight_sum = Σ w     intersection = Σ w·p·z
+        pred_sum = Σ w·p^k  label_sum = Σ w·z^k
+        hard_tp = Σ w·[x > 0]·[z ≥ 0.5]   hard_pred = Σ w·[x > 0]   hard_label = Σ w·[z ≥ 0.5]
+
+    Args:
+      logits: [B, *S, C] (channels_last) or [B, C, *S] (channels_first), 0 to 3 spatial
+        dims; float16, bfloat16, float32 or float64. The only differentiable input.
+      labels: the logits' shape; a float dtype with values in [0, 1], uint8 (0/1) or bool.
+      weights: optional, broadcasts to the logits' shape (e.g. [B, *S, 1] per pixel);
+        finite and >= 0; w = 0 removes an element from every sum.
+      pos_weight: optional [C], finite and >= 0: multiplies the positive CE term.
+      data_format: "channels_last" (default) or "channels_first".
+      squared: use p² and z² in pred_sum / label_sum (the squared Dice denominator).
+      implementation: "auto" (fused op, XLA custom call inside XLA, reference without the
+        library), "fused" (error without the library) or "reference".
+      check_numerics: raise InvalidArgumentError on NaN/Inf logits instead of
+        propagating them.
+
+    Returns:
+      float32 [B, C, 8]; columns in the order of `fused_segloss.STAT_COLUMNS`.
+
+    Raises:
+      ValueError: a static problem (rank, shape, dtype, option), naming the argument.
+      tf.errors.InvalidArgumentError: a data problem found while running (labels
+        outside [0, 1], negative or non-finite weights), naming the argument.
+      RuntimeError: implementation="fused" without the compiled library.
+
+    >>> import numpy as np, fused_segloss as fsl
+    >>> logits = np.zeros([1, 4, 2], np.float32)          # p = 0.5 everywhere
+    >>> labels = np.array([[[1, 0]] * 4], np.float32)      # class 0 everywhere
+    >>> fsl.segloss_stats(logits, labels)[0, :, :5].numpy().round(3)
+    array([[2.773, 4.   , 2.   , 2.   , 4.   ],
+           [2.773, 4.   , 0.   , 2.   , 0.   ]], dtype=float32)
     """
     p = _inputs.prepare(logits, labels, weights, pos_weight, data_format, squared)
     if not isinstance(check_numerics, bool):
@@ -103,40 +100,24 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
             p.logits, "fused_segloss: `logits` contain NaN or Inf (check_numerics=True)"))
     if path == "reference":
         return reference.stats_from_prepared(p)
-    inputs = (p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p))
-    if label_bytes_wanted(p.labels) and record.should_record_backprop([p.logits]):
-        return stats_with_label_bytes(*inputs, p.data_format, p.squared)[0]
-    return library().fused_segloss_stats(*inputs, data_format=p.data_format,
-                                         squared=p.squared)
-
-
-def _op_logit_grad(op, label_bytes, grad_stats):
-    """One fused backward pass; labels, weights and pos_weight get no gradient."""
-    logits, labels, weights, pos_weight = op.inputs[:4]
-    grad_logits = logit_grad(logits, labels, label_bytes, weights, pos_weight, grad_stats,
-                             op.get_attr("data_format"), op.get_attr("squared"))
-    return [grad_logits, None, None, None]
+    return _loader.status().module.fused_segloss_stats(
+        p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p),
+        data_format=p.data_format, squared=p.squared)
 
 
 @tf.RegisterGradient(_OP_TYPE)
 def _stats_grad(op, grad_stats):
-    return _op_logit_grad(op, None, grad_stats)
+    """One fused backward pass; labels, weights and pos_weight get no gradient."""
+    logits, labels, weights, pos_weight = op.inputs
+    grad_logits = _loader.status().module.fused_segloss_stats_grad(
+        logits, labels, weights, pos_weight, grad_stats,
+        data_format=op.get_attr("data_format"), squared=op.get_attr("squared"))
+    return [grad_logits, None, None, None]
 
 
-@tf.RegisterGradient(_BYTES_OP_TYPE)
-def _stats_with_label_bytes_grad(op, grad_stats, _):
-    """The same pass, reading the forward's label bytes (output 1) where it wrote them."""
-    return _op_logit_grad(op, op.outputs[1], grad_stats)
-
-
-def _no_second_order(op_type):
-    def gradient(op, grad):
-        raise NotImplementedError(
-            f"Second-order gradients of fused_segloss are not implemented: the op {op_type} "
-            "(gradient of FusedSeglossStats) has no gradient. Use implementation='reference' "
-            "for higher-order derivatives.")
-    return gradient
-
-
-tf.RegisterGradient(_GRAD_OP_TYPE)(_no_second_order(_GRAD_OP_TYPE))
-tf.RegisterGradient(_BYTES_GRAD_OP_TYPE)(_no_second_order(_BYTES_GRAD_OP_TYPE))
+@tf.RegisterGradient(_GRAD_OP_TYPE)
+def _no_second_order(op, grad):
+    raise NotImplementedError(
+        f"Second-order gradients of fused_segloss are not implemented: the op {_GRAD_OP_TYPE} "
+        "(gradient of FusedSeglossStats) has no gradient. Use implementation='reference' "
+        "for higher-order derivatives.")

@@ -1,15 +1,11 @@
-"""The pure-TF formulation of segloss_stats (DESIGN §2.1).
+"""The pure-TF formulation of segloss_stats: the test oracle and the automatic fallback.
 
-It is the test oracle and the automatic fallback: plain TensorFlow ops, differentiated
-by TF autodiff, written for clarity rather than speed. Internals are float32 (float64
+Plain TensorFlow ops, differentiated by TF autodiff, written for clarity rather than speed. Internals are float32 (float64
 for float64 logits); the result is float32 [B, C, 8].
 """
 import tensorflow as tf
 
 from . import _inputs
-
-STAT_COLUMNS = ("ce_sum", "weight_sum", "intersection", "pred_sum", "label_sum",
-                "hard_tp", "hard_pred", "hard_label")
 
 
 def check_values(p):
@@ -53,7 +49,7 @@ def stats_from_prepared(p: "_inputs.Prepared", validate=True):
     deps = check_values(p) if validate else []
     with tf.control_dependencies(deps):  # every input waits for the checks
         x = tf.cast(p.logits, compute)
-        # Only the logits are differentiable (DESIGN §2.2), as in the fused op.
+        # Only the logits are differentiable, as in the fused op.
         z = tf.stop_gradient(tf.cast(p.labels, compute))
     w = tf.ones_like(x) if p.weights is None else tf.broadcast_to(
         tf.stop_gradient(tf.cast(p.weights, compute)), tf.shape(x))

@@ -1,4 +1,5 @@
-"""An independent float64 NumPy implementation of DESIGN §2.1-§2.3, the tests' oracle.
+"""An independent float64 NumPy implementation of the statistics, their gradient and
+`combine` (the README's semantics table), the tests' oracle.
 
 Written from the spec alone (not from the package): every function takes NumPy arrays of
 any dtype, computes in float64 and returns float64. Weights broadcast NumPy-style to the
@@ -136,6 +137,7 @@ class CombineResult(NamedTuple):
     ce_per_class: np.ndarray
     dice_per_class: np.ndarray   # per_image mode: NaN for a class no image counts
     iou_per_class: np.ndarray
+    loss_per_class: np.ndarray  # each class's part of total: ce_weight·m_c·CE_c/Σm + ...
 
 
 def _ratio(numerator, denominator, where_zero):
@@ -183,11 +185,14 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
     totals = s.sum(axis=0)
     ce, ce_per_class, _, _ = _ce_part(s, cw)
 
+    _, _, ce_mask, _ = _ce_part(s, cw)
+    ce_part = _ratio(ce_mask * ce_per_class, ce_mask.sum(), 0.0)  # [C], sums to ce
     if dice_mode == "batch":
         dice_per_class, _, _ = _dice_parts(totals, smooth)
         class_mask = cw * (totals[:, LABEL_SUM] > 0) if empty == "exclude" else cw
         dice, any_class = _weighted_mean(dice_per_class, class_mask)
         dice_loss = 1.0 - dice if any_class else 0.0
+        dice_part = _ratio(class_mask * (1.0 - dice_per_class), class_mask.sum(), 0.0)
     else:
         image_dice, _, _ = _dice_parts(s, smooth)                        # [B, C]
         counted = (s[..., LABEL_SUM] > 0) if empty == "exclude" else np.ones(image_dice.shape)
@@ -196,12 +201,16 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
         dice_loss = 1.0 - dice if any_image else 0.0
         class_mean, class_counted = _weighted_mean(image_dice, counted, axis=0)
         dice_per_class = np.where(class_counted, class_mean, np.nan)
+        # Each counted image's (1 - its Dice) split over its classes, averaged over images.
+        mask = cw * counted
+        shares = _ratio(mask * (1.0 - image_dice), mask.sum(axis=1, keepdims=True), 0.0)
+        dice_part = shares[image_counts].sum(axis=0) / max(int(image_counts.sum()), 1)
 
     tp = totals[:, HARD_TP]
     iou = _ratio(tp, totals[:, HARD_PRED] + totals[:, HARD_LABEL] - tp, 1.0)
     total = ce_weight * ce + dice_weight * dice_loss
     return CombineResult(float(total), float(ce), float(dice_loss), ce_per_class,
-                         dice_per_class, iou)
+                         dice_per_class, iou, ce_weight * ce_part + dice_weight * dice_part)
 
 
 def combine_grad(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=1e-5,

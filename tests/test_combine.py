@@ -1,5 +1,5 @@
-"""combine(): every option against numpy_reference.combine, the zero-denominator rules of
-DESIGN §2.3 (defined values and gradients, never NaN), and the SegLossResult fields."""
+"""combine(): every option against numpy_reference.combine, the zero-denominator rules
+(defined values and gradients, never NaN), and the SegLossResult fields."""
 import itertools
 
 import numpy as np
@@ -49,7 +49,7 @@ def assert_result_matches(result, expected, magnitude):
         assert np.isfinite(actual), name
         assert abs(actual - getattr(expected, name)) <= RTOL * magnitude, \
             (name, actual, getattr(expected, name))
-    for name in ("ce_per_class", "dice_per_class", "iou_per_class"):
+    for name in ("ce_per_class", "dice_per_class", "iou_per_class", "loss_per_class"):
         actual, wanted = getattr(result, name).numpy(), getattr(expected, name)
         assert actual.dtype == np.float32 and np.isfinite(actual).all(), (name, actual)
         counted = np.isfinite(wanted)  # per_image Dice of a class no image counts
@@ -86,6 +86,9 @@ def test_combine_matches_numpy(options, rng):
     magnitude = options["ce_weight"] * expected.ce + 2.0 * options["dice_weight"] + 1e-6
     assert_result_matches(result, expected, magnitude)
     assert_grad_matches(grad, npref.combine_grad(stats, **options))
+    # The classes' parts add up to the total (the report's "share of loss").
+    assert float(tf.reduce_sum(result.loss_per_class)) == pytest.approx(
+        float(result.total), rel=1e-6, abs=1e-7)
 
 
 def test_defaults(rng):
@@ -178,7 +181,7 @@ def test_zero_size_batch(options):
     assert float(result.total) == expected.total == 0.0
     assert float(result.ce) == 0.0 and float(result.dice_loss) == 0.0
     np.testing.assert_array_equal(result.iou_per_class.numpy(), 1.0)
-    for name in ("ce_per_class", "dice_per_class", "iou_per_class"):
+    for name in ("ce_per_class", "dice_per_class", "iou_per_class", "loss_per_class"):
         assert getattr(result, name).shape == (4,)
         assert np.isfinite(getattr(result, name).numpy()).all(), name
     assert grad.shape == (0, 4, 8)
@@ -190,11 +193,11 @@ def test_seg_loss_result_fields(problem):
                                  dice_weight=1.3)
     assert isinstance(result, fsl.SegLossResult)
     assert result._fields == ("total", "ce", "dice_loss", "ce_per_class", "dice_per_class",
-                              "iou_per_class")
+                              "iou_per_class", "loss_per_class")
     for name in ("total", "ce", "dice_loss"):
         value = getattr(result, name)
         assert value.shape == () and value.dtype == tf.float32, name
-    for name in ("ce_per_class", "dice_per_class", "iou_per_class"):
+    for name in ("ce_per_class", "dice_per_class", "iou_per_class", "loss_per_class"):
         value = getattr(result, name)
         assert value.shape == (4,) and value.dtype == tf.float32, name
     assert float(result.total) == pytest.approx(

@@ -41,13 +41,10 @@ def _numpy_loss(logits, labels, weights=None, **options):
     return npref.combine(st, **combine_options).total
 
 
-# Eagerly, seg_loss runs `combine` as one XLA-compiled call (fused_segloss/_eager_fused.py)
-# while the Keras loss combines its statistics with TF ops. XLA may fuse and contract the
-# same formula differently, so eagerly the two can differ in the last bit (seen: 1 ulp,
-# 1.2e-7 on a loss of 1.79, options2 below); the tolerance is 2 float32 ulp. Inside a graph,
-# as under `fit`, both run the same ops and agree bit for bit (tested below).
+# Eagerly both run the same traced `combine`, and inside a graph (as under `fit`) the same
+# ops: the Keras loss is seg_loss bit for bit either way.
 def _assert_same_loss(actual, expected):
-    np.testing.assert_allclose(actual, expected, rtol=2 * np.finfo(np.float32).eps, atol=0)
+    np.testing.assert_array_equal(actual, expected)
 
 
 @pytest.mark.parametrize("options", OPTION_SETS)

@@ -1,52 +1,24 @@
-"""The demo's per-class table and curves, computed from [B, C, 8] statistics."""
+"""The demo's per-class table and curves, from [B, C, 8] statistics through `combine`."""
 import numpy as np
 
-_CE, _W, _I, _P, _Z, _TP, _HP, _HL = range(8)
+from .. import Column, combine
 
 
-def _ratio(numerator, denominator, fallback):
-    safe = np.where(denominator > 0, denominator, 1.0)
-    return np.where(denominator > 0, numerator / safe, fallback)
+def class_breakdown(stats, **combine_options):
+    """Per-class terms of the loss, from `combine` itself, with each class's share.
 
-
-def _soft_dice(s, smooth):
-    return _ratio(2 * s[..., _I] + smooth, s[..., _P] + s[..., _Z] + smooth, 1.0)
-
-
-def class_breakdown(stats, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=1e-5,
-                    empty="include", class_weights=None):
-    """Per-class terms of the loss (DESIGN §2.3) in float64, with each class's share.
-
-    Returns a dict of [C] arrays: ce, dice (soft Dice over all images), iou, pixels (label
-    share of the pixels), contribution (what the class adds to the total: the classes'
-    contributions sum to `total`), and the scalar total.
+    Returns a dict of [C] arrays: ce, dice, iou, pixels (label share of the weighted
+    pixels), contribution (what the class adds to the total; they sum to `total`), and
+    the scalar total.
     """
-    stats = np.asarray(stats, np.float64)
-    totals = stats.sum(axis=0)
-    classes = totals.shape[0]
-    cw = np.ones(classes) if class_weights is None else np.asarray(class_weights, np.float64)
-
-    ce = _ratio(totals[:, _CE], totals[:, _W], 0.0)
-    ce_mask = cw * (totals[:, _W] > 0)
-    ce_part = _ratio(ce_mask * ce, np.full(classes, ce_mask.sum()), 0.0)
-
-    dice = _soft_dice(totals, smooth)
-    if dice_mode == "batch":
-        mask = cw * (totals[:, _Z] > 0) if empty == "exclude" else cw
-        dice_part = _ratio(mask * (1 - dice), np.full(classes, mask.sum()), 0.0)
-    else:  # the mean over images of each image's class-weighted mean of (1 - Dice)
-        image_dice = _soft_dice(stats, smooth)  # [B, C]
-        mask = cw * (stats[..., _Z] > 0) if empty == "exclude" else np.broadcast_to(cw, image_dice.shape)
-        per_image_sum = mask.sum(axis=1, keepdims=True)
-        counted = per_image_sum[:, 0] > 0
-        shares = _ratio(mask * (1 - image_dice), np.broadcast_to(per_image_sum, mask.shape), 0.0)
-        dice_part = shares[counted].sum(axis=0) / max(int(counted.sum()), 1)
-
-    contribution = ce_weight * ce_part + dice_weight * dice_part
-    iou = _ratio(totals[:, _TP], totals[:, _HP] + totals[:, _HL] - totals[:, _TP], 1.0)
-    pixels = _ratio(totals[:, _HL], totals[:, _W], 0.0)
-    return {"ce": ce, "dice": dice, "iou": iou, "pixels": pixels,
-            "contribution": contribution, "total": float(contribution.sum())}
+    result = combine(stats, **combine_options)
+    totals = np.asarray(stats, np.float64).sum(axis=0)
+    weight = totals[:, Column.WEIGHT_SUM]
+    pixels = np.divide(totals[:, Column.HARD_LABEL], weight, out=np.zeros_like(weight),
+                       where=weight > 0)
+    return {"ce": result.ce_per_class.numpy(), "dice": result.dice_per_class.numpy(),
+            "iou": result.iou_per_class.numpy(), "pixels": pixels,
+            "contribution": result.loss_per_class.numpy(), "total": float(result.total)}
 
 
 def format_class_table(breakdown, class_names):

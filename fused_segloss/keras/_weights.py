@@ -2,7 +2,7 @@
 
 Keras hands a loss `sample_weight` of shape (B,) (one weight per image) or of the label
 shape without the class axis (B, *S) (one weight per pixel). fused_segloss has no
-per-sample loss to multiply: every weight enters the sums of DESIGN §2.1 as an element
+per-sample loss to multiply: every weight enters the statistics' sums as an element
 weight w, so a weight of 0 removes pixels from every sum and a weight of 2 counts them
 twice in the CE mean and in the Dice sums.
 

@@ -4,7 +4,6 @@ import threading
 import weakref
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from .. import _inputs
@@ -15,20 +14,6 @@ from ._weights import sample_weight_to_weights
 
 _PACKAGE = "fused_segloss"
 REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight", "sum", "none", None)
-
-
-def _float_tuple(values, name):
-    """A JSON-friendly tuple of floats (for get_config), or None."""
-    if values is None:
-        return None
-    if isinstance(values, (tf.Tensor, tf.Variable)):
-        values = tf.get_static_value(values) if isinstance(values, tf.Tensor) else values.numpy()
-        if values is None:
-            raise ValueError(f"`{name}` must be known when the loss is built (a list of numbers)")
-    array = np.asarray(values, dtype=np.float64)
-    if array.ndim != 1 or array.size == 0 or not np.all(np.isfinite(array)) or (array < 0).any():
-        raise ValueError(f"`{name}` must be a non-empty list of finite numbers >= 0, got {values!r}")
-    return tuple(float(v) for v in array)
 
 
 class _RecentStats:
@@ -79,21 +64,32 @@ class _RecentStats:
 class SegLoss(keras.losses.Loss):
     """Sigmoid cross-entropy + soft Dice for multi-label segmentation; `y_pred` are logits.
 
-    Options are those of `fused_segloss.seg_loss` (DESIGN §2.3/§2.4). Reductions:
+    Formula: `fused_segloss.seg_loss(y_pred, y_true, weights, ...)`, i.e.
+    total = ce_weight · CE + dice_weight · (1 − Dice) with the reduction order of
+    `fused_segloss.combine`: first over pixels (and the batch) per class, then over classes.
 
-    - "sum_over_batch_size" (default), "mean", "mean_with_sample_weight", "sum": the loss of
-      the whole batch, `fused_segloss.seg_loss(y_pred, y_true, weights, ...)` (bit for bit
-      inside a graph; eagerly within 2 ulp, as eager seg_loss runs `combine` XLA-compiled). The
-      loss is already a mean (CE over weighted elements, Dice over classes), so there is no
-      per-sample vector to sum or divide: every scalar reduction gives the same value.
-      Under tf.distribute it is the loss of the *global* batch (see `_distribute`).
-    - "none" / None: a [B] vector, each image's loss combined from its own statistics alone.
+    Args:
+      ce_weight, dice_weight, dice_mode, smooth, empty, class_weights: as in `combine`.
+      pos_weight, data_format, squared, implementation: as in `segloss_stats`.
+      reduction: "sum_over_batch_size" (default), "mean", "mean_with_sample_weight", "sum":
+        all give the loss of the whole batch (it is already a mean: CE over weighted
+        elements, Dice over classes; there is no per-sample vector to sum or divide).
+        Under tf.distribute it is the loss of the *global* batch (see `_distribute`).
+        "none" / None: a [B] vector, each image's loss from its own statistics alone.
+      name: the loss's name. dtype: None (default) hands the logits to the op in their
+        own dtype (float16/bfloat16 under mixed precision: no full-size cast) and returns
+        float32; a given dtype casts the logits to it first and the loss to it at the end.
 
     `sample_weight` becomes the op's element weights (`_weights.sample_weight_to_weights`):
     (B,) -> [B, 1, ..., 1]; (B, *S) -> [B, *S, 1]; a tensor of the logits' rank unchanged.
-    `dtype`: None (default) hands the logits to the op in their own dtype (float16/bfloat16
-    under mixed precision: no full-size cast) and returns float32; a given dtype casts the
-    logits to it first and the loss to it at the end.
+
+    Raises:
+      ValueError: at construction, for any option outside its allowed values.
+
+    >>> import numpy as np, fused_segloss as fsl
+    >>> loss = fsl.keras.SegLoss(dice_weight=0.0)       # plain sigmoid cross-entropy
+    >>> round(float(loss(np.ones([2, 4, 4, 3]), np.zeros([2, 4, 4, 3]))), 4)   # log(2)
+    0.6931
     """
 
     def __init__(self, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=1e-5,
@@ -113,10 +109,10 @@ class SegLoss(keras.losses.Loss):
         self.dice_mode = dice_mode
         self.smooth = float(smooth)
         self.empty = empty
-        self.class_weights = _float_tuple(class_weights, "class_weights")
+        self.class_weights = _inputs.float_tuple(class_weights, "class_weights")
         if self.class_weights is not None:
             class_weight_vector(self.class_weights, None)  # positive sum
-        self.pos_weight = _float_tuple(pos_weight, "pos_weight")
+        self.pos_weight = _inputs.float_tuple(pos_weight, "pos_weight")
         self.data_format = data_format
         self.squared = squared
         self.implementation = implementation

@@ -21,7 +21,7 @@ from .. import _inputs
 from ..combine import combine
 from ..ops import segloss_stats
 from ._weights import sample_weight_to_weights
-from .loss import SegLoss, _float_tuple
+from .loss import SegLoss
 
 _PACKAGE = "fused_segloss"
 QUANTITIES = ("dice", "iou", "ce")
@@ -71,7 +71,7 @@ class SegMetrics(keras.metrics.Metric):
         self.smooth = float(option(smooth, "smooth", 1e-5))
         self.data_format = _inputs.check_choice(
             "data_format", option(data_format, "data_format", "channels_last"), _inputs.DATA_FORMATS)
-        self.pos_weight = _float_tuple(option(pos_weight, "pos_weight", None), "pos_weight")
+        self.pos_weight = _inputs.float_tuple(option(pos_weight, "pos_weight", None), "pos_weight")
         self.squared = bool(option(squared, "squared", False))
         self.implementation = _inputs.check_choice(
             "implementation", option(implementation, "implementation", "auto"),
