@@ -6,7 +6,7 @@ import warnings
 
 import tensorflow as tf
 
-BUILD_COMMAND = "python -m pip install --no-build-isolation -e .   (in the fused_segloss source tree)"
+BUILD_COMMAND = "python -m pip install --no-build-isolation <fused_segloss source tree or git URL>"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 DISABLE_ENV = "FUSED_SEGLOSS_DISABLE_LIBRARY"
 
@@ -51,7 +51,12 @@ def load_library():
         return LibraryStatus(reason=f"disabled by the environment variable {DISABLE_ENV}")
     path = _find_library()
     if path is None:
-        return LibraryStatus(reason=f"the compiled op library (_segloss_ops*.so) is not in {_HERE}")
+        reason = f"the compiled op library (_segloss_ops*.so) is not in {_HERE}"
+        if os.path.exists(os.path.join(_HERE, os.pardir, "setup.py")):
+            # `python -m` inside a clone imports the source folder, not an installed copy.
+            reason += (" (this is the source tree: run from another directory to use the "
+                       "installed package, or install it editable with -e)")
+        return LibraryStatus(reason=reason)
     info = _read_build_info()
     built_for = info.get("tensorflow_version")
     if built_for and built_for != tf.__version__:

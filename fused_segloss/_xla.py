@@ -238,34 +238,26 @@ def _call(target, prepared, operands, out_dtype, out_shape, check_numerics=False
 def stats(prepared, check_numerics=False, _checked=False):
     """[B, C, 8] float32 statistics through the custom call, with its fused gradient.
 
-    `prepared` is an _inputs.Prepared. Labels, weights and pos_weight get no gradient.
+    Only for code that XLA compiles (ops.py calls it there). `prepared` is an
+    _inputs.Prepared. Labels, weights and pos_weight get no gradient.
     """
     if not _checked and not available():
         raise RuntimeError(f"the XLA custom-call path is unavailable: {_reason}")
     p = prepared
-    weights = _inputs.canonical_weights(p)
-    pos_weight = _inputs.pos_weight_or_empty(p)
+    operands = (p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p))
     stats_shape = tf.TensorShape([p.logits.shape[0], p.logits.shape[p.class_axis], 8])
-    forward_was_xla = in_xla_context()
 
     @tf.custom_gradient
     def fused(logits):
-        operands = (logits, p.labels, weights, pos_weight)
-        if forward_was_xla:
-            result = _call(STATS_TARGET, p, operands, tf.float32, stats_shape, check_numerics)
-        else:  # called outside XLA (only directly, never through ops.py): the TF op
-            result = _loader.status().module.fused_segloss_stats(
-                *operands, data_format=p.data_format, squared=p.squared)
+        result = _call(STATS_TARGET, p, (logits,) + operands[1:], tf.float32, stats_shape,
+                       check_numerics)
 
         def grad(grad_stats):
-            grad_stats = tf.cast(grad_stats, tf.float32)
-            # The backward of an XLA-compiled forward is compiled by XLA too, but it may be
-            # traced outside an XLA context (a tape outside the jit function).
-            if forward_was_xla or in_xla_context():
-                return _call(GRAD_TARGET, p, operands + (grad_stats,), logits.dtype,
-                             logits.shape)
-            return _loader.status().module.fused_segloss_stats_grad(
-                *operands, grad_stats, data_format=p.data_format, squared=p.squared)
+            # The backward of an XLA-compiled forward is compiled by XLA too, even where it
+            # is traced outside an XLA context (a tape outside the jit function): always
+            # the custom call.
+            return _call(GRAD_TARGET, p, (logits,) + operands[1:] + (
+                tf.cast(grad_stats, tf.float32),), logits.dtype, logits.shape)
 
         return result, grad
 

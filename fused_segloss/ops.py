@@ -17,6 +17,11 @@ _OP_TYPE = "FusedSeglossStats"
 _GRAD_OP_TYPE = "FusedSeglossStatsGrad"
 
 
+def library():
+    """The loaded op module (its ops: fused_segloss_stats, fused_segloss_stats_grad), or None."""
+    return _loader.status().module
+
+
 def fused_available():
     """Whether the compiled op library is loaded (else every call uses the reference).
 
@@ -100,7 +105,7 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
             p.logits, "fused_segloss: `logits` contain NaN or Inf (check_numerics=True)"))
     if path == "reference":
         return reference.stats_from_prepared(p)
-    return _loader.status().module.fused_segloss_stats(
+    return library().fused_segloss_stats(
         p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p),
         data_format=p.data_format, squared=p.squared)
 
@@ -109,7 +114,7 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
 def _stats_grad(op, grad_stats):
     """One fused backward pass; labels, weights and pos_weight get no gradient."""
     logits, labels, weights, pos_weight = op.inputs
-    grad_logits = _loader.status().module.fused_segloss_stats_grad(
+    grad_logits = library().fused_segloss_stats_grad(
         logits, labels, weights, pos_weight, grad_stats,
         data_format=op.get_attr("data_format"), squared=op.get_attr("squared"))
     return [grad_logits, None, None, None]

@@ -4,9 +4,7 @@
 # libraries), run pytest (the doctests of the package's public docstrings included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# A --no-build-isolation build uses this environment's tools: pyproject.toml's
-# [build-system] list is the one place they are written.
-build_tools=$(python3 -c 'import re; print(re.search(r"requires = \[(.*?)\]", open("pyproject.toml").read()).group(1).replace(",", " ").replace("\"", ""))')
-python3 -m pip install -q -r requirements.txt -r requirements-dev.txt $build_tools
+# A --no-build-isolation build uses this environment's tools (pyproject.toml's list).
+python3 -m pip install -q -r requirements.txt -r requirements-dev.txt $(python3 scripts/build_tools.py)
 python3 -m pip install -q --no-build-isolation -e .
 python3 -m pytest -q "$@"

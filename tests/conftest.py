@@ -201,7 +201,7 @@ def check():
 
 
 # ----------------------------------------------------------------------------------------
-# The oracle matrix of DESIGN §6, sampled rather than crossed: every value of every factor
+# The oracle matrix, sampled rather than crossed: every value of every factor
 # (spatial rank 0-3, sizes 1/7/1023, C = 1/100, each logits and labels dtype, each weights
 # broadcast kind, pos_weight, squared, soft labels, empty class, logits ±1e4, B = 0) appears
 # in some row, each row mixes several, and every row runs in both layouts. Rows marked

@@ -84,7 +84,7 @@ def stats(logits, labels, weights=None, pos_weight=None, data_format="channels_l
 
 
 def _gradient_terms(logits, labels, weights, pos_weight, grad_stats, data_format, squared):
-    """The terms of dL/dx (DESIGN §2.2), weight applied, each [B, N, C]:
+    """The terms of dL/dx, weight applied, each [B, N, C]:
     (CE term, intersection term, pred_sum term, |CE term| with both parts of ce' taken
     in magnitude)."""
     x, z, w, pw = _elements(logits, labels, weights, pos_weight, data_format)

@@ -1,4 +1,4 @@
-"""Bad-input battery (issue 7): every entry point, every kind of bad input.
+"""Bad-input battery: every entry point, every kind of bad input.
 
 Each case calls one entry point with one bad input and asserts the error type (ValueError
 for what is known while tracing, tf.errors.InvalidArgumentError for data-dependent or

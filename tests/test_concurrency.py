@@ -1,10 +1,9 @@
-"""Determinism and concurrency (issue 7, DESIGN §6).
+"""Determinism and concurrency.
 
 - The CPU results (stats and gradients, fused op and XLA path) are bitwise identical across
-  20 runs, across intra-op thread settings 1, 2 and the default (subprocesses: the setting
-  must be made before TensorFlow initialises), and under
-  tf.config.experimental.enable_op_determinism(). (test_determinism.py adds 4 threads and
-  _core's thread counts.)
+  20 runs, across intra-op thread settings 1, 2, 4 and the default (subprocesses: the
+  setting must be made before TensorFlow initialises), under
+  tf.config.experimental.enable_op_determinism(), and in the core module for 1-8 threads.
 - The op called from 8 Python threads at once, on different inputs, returns exactly what
   serial calls return (fused op eagerly, inside a tf.function, inside XLA, and _core).
 """
@@ -124,7 +123,7 @@ def test_results_are_identical_across_thread_settings_and_under_op_determinism(t
     require_library()
     script = tmp_path / "run_setting.py"
     script.write_text(_SUBPROCESS_SCRIPT.format(tests_dir=HERE))
-    settings = ("1", "2", "default", "op_determinism")
+    settings = ("1", "2", "4", "default", "op_determinism")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get(
         "PYTHONPATH")]))}
     running = {s: subprocess.Popen([sys.executable, str(script), s, str(tmp_path / f"{s}.npz")],
@@ -134,7 +133,8 @@ def test_results_are_identical_across_thread_settings_and_under_op_determinism(t
     for s, p in running.items():
         assert p.returncode == 0, f"setting {s} failed:\n{outputs[s][-3000:]}"
     results = {s: dict(np.load(tmp_path / f"{s}.npz")) for s in settings}
-    assert results["1"]["intra_op_threads"] == 1 and results["2"]["intra_op_threads"] == 2
+    for threads in ("1", "2", "4"):
+        assert results[threads]["intra_op_threads"] == int(threads)
     baseline = results["1"]
     for setting in settings[1:]:
         for key, value in baseline.items():
@@ -146,6 +146,30 @@ def test_results_are_identical_across_thread_settings_and_under_op_determinism(t
                                      data_format)
         assert_bitwise_equal(stats, baseline[f"{name}-jitFalse-stats"], name)
         assert_bitwise_equal(grad, baseline[f"{name}-jitFalse-grad"], name)
+
+
+def test_core_module_is_bitwise_identical_across_thread_counts():
+    rng = np.random.default_rng(3)
+    for shape, channels_last in (((3, 70000, 2), True), ((2, 3, 70000), False)):
+        x = rng.normal(0.0, 3.0, shape).astype(np.float32)
+        z = rng.random(shape).astype(np.float32)
+        upstream = rng.normal(0.0, 1.0, (shape[0], shape[2 if channels_last else 1], 8))
+        outputs = [(_core.stats(x, z, None, None, channels_last, True, threads),
+                    _core.logit_grad(x, z, None, None, upstream.astype(np.float32),
+                                     channels_last, True, threads))
+                   for threads in (1, 2, 3, 8)]
+        for threads, (stats, grad) in zip((2, 3, 8), outputs[1:]):
+            assert_bitwise_equal(stats, outputs[0][0], f"_core stats, {threads} threads")
+            assert_bitwise_equal(grad, outputs[0][1], f"_core gradient, {threads} threads")
+
+
+def test_bitwise_comparisons_can_fail():
+    """Guard for the tests above: a different input does give different bits."""
+    require_library()
+    x, z, w, pw = make_inputs(*PROBLEMS["channels_last-float32"], seed=1)
+    stats, _ = stats_and_grad(x, z, w, pw, "channels_last")
+    nudged, _ = stats_and_grad(x + np.float32(1e-3), z, w, pw, "channels_last")
+    assert stats.tobytes() != nudged.tobytes()
 
 
 # ------------------------------------------------------------------------------ concurrency

@@ -1,5 +1,5 @@
 """implementation="reference", and the automatic fallback when the op library is missing
-or was built for another TensorFlow (DESIGN §3): one FusedSeglossFallbackWarning naming
+or was built for another TensorFlow: one FusedSeglossFallbackWarning naming
 the reason and the build command, the reference's results, and an error (not a silent
 fallback) for implementation="fused"."""
 import json

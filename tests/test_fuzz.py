@@ -1,4 +1,4 @@
-"""Property-based fuzzing (issue 7): random problems, fused vs reference vs float64 NumPy.
+"""Property-based fuzzing: random problems, fused vs reference vs float64 NumPy.
 
 Hypothesis draws the shape (batch 0-3, spatial rank 0-3, C 1-6), layout, logits and labels
 dtypes, weights of a random broadcast shape (NumPy-style, possibly of lower rank), an

@@ -1,5 +1,5 @@
 """Gradients of segloss_stats and of the loss, fused and reference, against float64 NumPy
-(DESIGN §2.2), plus a finite-difference check and the gradient's contract (dtype, None for
+plus a finite-difference check and the gradient's contract (dtype, None for
 labels / weights / pos_weight, no silent second-order gradient)."""
 import numpy as np
 import pytest
@@ -115,7 +115,7 @@ def test_numerical_gradient_float64(options, implementation, problem, rng):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_only_logits_get_a_gradient(implementation, problem):
-    """DESIGN §2.2: labels, weights and pos_weight get None, on every path, so that a
+    """labels, weights and pos_weight get None, on every path, so that a
     model whose soft labels or weights come from another network trains the same way
     whether the fused op or the fallback runs."""
     prob = problem(weights="pixel", pos_weight=True, soft=True)

@@ -220,7 +220,7 @@ def test_from_config_round_trip():
     logits, labels = logits[..., :2], labels[..., :2]
     value = clone(labels, logits)
     assert value.dtype == tf.float64  # an explicit dtype is the loss' dtype
-    # The statistics are float32 for every input dtype (DESIGN §2.1), hence float32 rounding.
+    # The statistics are float32 for every input dtype, hence float32 rounding.
     np.testing.assert_allclose(value.numpy(),
                                _numpy_loss(logits, labels, class_weights=[1, 2], pos_weight=[3, 4]),
                                rtol=2e-6)

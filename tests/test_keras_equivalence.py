@@ -1,5 +1,5 @@
 """The CE term against TF's and Keras' own losses, and channels_first against the
-channels_last transpose (DESIGN §2.3: "with no weights this equals
+channels_last transpose ("with no weights this equals
 keras.losses.BinaryCrossentropy(from_logits=True) ... to float32 rounding")."""
 import keras
 import numpy as np

@@ -1,4 +1,4 @@
-"""Numerics (issue 7, DESIGN §2.3 and §6): valid input never gives NaN or Inf; NaN/Inf
+"""Numerics: valid input never gives NaN or Inf; NaN/Inf
 logits propagate like TensorFlow's own sigmoid cross-entropy unless check_numerics=True.
 
 Every test runs on the three code paths: the fused TF op, the pure-TF reference and the
@@ -19,7 +19,7 @@ IAE = tf.errors.InvalidArgumentError
 MODES = [dict(dice_mode=m, empty=e, smooth=s)
          for m, e, s in itertools.product(("batch", "per_image"), ("include", "exclude"),
                                           (1e-5, 0.0))]
-RESULT_FIELDS = ("total", "ce", "dice_loss", "ce_per_class", "dice_per_class", "iou_per_class")
+RESULT_FIELDS = fsl.SegLossResult._fields
 # A loss from float32 stats (each within 2e-5 relative of the exact sums, conftest
 # STATS_RTOL) through combine's float32 arithmetic: a Dice ratio carries the error of its
 # numerator and denominator, 1 - Dice and the class means add a few 2^-24. 1e-4 relative
@@ -106,8 +106,8 @@ def test_extreme_logits_give_finite_loss_and_gradient(path, dtype, data_format):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_ce_at_extreme_logits_equals_tf_sigmoid_cross_entropy(path):
-    """No weights, no pos_weight: CE is tf.reduce_mean(sigmoid_cross_entropy_with_logits)
-    (DESIGN §2.3), also at ±1e4, and its gradient is TF's autodiff gradient of that mean."""
+    """No weights, no pos_weight: CE is tf.reduce_mean(sigmoid_cross_entropy_with_logits),
+    also at ±1e4, and its gradient is TF's autodiff gradient of that mean."""
     rng = np.random.default_rng(4)
     x = rng.choice(EXTREMES, (3, 40, 2)).astype(np.float32)
     z = rng.random((3, 40, 2)).astype(np.float32)

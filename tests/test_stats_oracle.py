@@ -1,6 +1,6 @@
 """segloss_stats and the loss built on it, fused and reference, against float64 NumPy.
 
-The matrix (conftest.ORACLE_CASES) covers DESIGN §6: layouts, spatial ranks 0-3, dtypes,
+The matrix (conftest.ORACLE_CASES) covers layouts, spatial ranks 0-3, dtypes,
 weights broadcast kinds, pos_weight, squared, odd sizes, C = 1 / 100, empty classes, soft
 labels and logits ±1e4. Tolerances are explained in conftest.py.
 """
@@ -56,7 +56,7 @@ def test_loss_terms_match_numpy(oracle_case, implementation, problem, rng, check
     check.loss(result.dice_loss, expected.dice_loss, 2.0, rtol)
     assert float(result.total) == pytest.approx(
         ce_weight * float(result.ce) + dice_weight * float(result.dice_loss), rel=1e-6, abs=1e-7)
-    for name in ("ce_per_class", "dice_per_class", "iou_per_class"):
+    for name in ("ce_per_class", "dice_per_class", "iou_per_class", "loss_per_class"):
         actual = getattr(result, name).numpy()
         wanted = getattr(expected, name)
         assert actual.shape == (classes,), (name, actual.shape)

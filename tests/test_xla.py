@@ -1,4 +1,4 @@
-"""The XLA path (DESIGN §3, issue 3): the fused kernels as typed-FFI custom calls inside
+"""The XLA path: the fused kernels as typed-FFI custom calls inside
 tf.function(jit_compile=True) and Keras' XLA-compiled train step.
 
 Oracles: the non-XLA fused path (the same C++ core, so the statistics must be bitwise
@@ -288,23 +288,6 @@ def test_shape_errors_known_only_at_run_time(labels_shape, weights_shape, match)
 
     with pytest.raises(tf.errors.InvalidArgumentError, match=match):
         stats(tf.zeros([2, 4, 3]), tf.zeros(labels_shape), tf.ones(weights_shape)).numpy()
-
-
-def test_xla_stats_called_outside_xla_uses_the_tf_op(rng):
-    """_xla.stats outside an XLA context (never done by ops.py) runs the TF op forward
-    and backward, so its custom gradient is usable anywhere."""
-    logits, labels = _small_inputs(rng)
-    with tf.GradientTape() as tape:
-        tape.watch(logits)
-        stats = _xla.stats(_inputs.prepare(logits, labels))
-        total = tf.reduce_sum(stats * tf.range(8, dtype=tf.float32))
-    with tf.GradientTape() as want_tape:
-        want_tape.watch(logits)
-        want = fsl.segloss_stats(logits, labels, implementation="fused")
-        want_total = tf.reduce_sum(want * tf.range(8, dtype=tf.float32))
-    np.testing.assert_array_equal(stats, want)
-    np.testing.assert_array_equal(tape.gradient(total, logits),
-                                  want_tape.gradient(want_total, logits))
 
 
 def test_tape_outside_the_jit_function(rng, custom_calls):

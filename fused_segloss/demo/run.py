@@ -112,7 +112,6 @@ def train_one(label, options, args, validation):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import numpy as np
 
     import fused_segloss as fsl
@@ -137,10 +136,17 @@ def main(argv=None):
 
     print("\n=== comparison (validation set; 'total loss' is each run's own loss)")
     print(format_comparison([(label, b) for label, _, _, b in results], CLASS_NAMES[RARE_CLASS]))
-    os.makedirs(args.out, exist_ok=True)
-    png = os.path.join(args.out, "per_class_curves.png")
-    plot_curves([(label, history, spe) for label, history, spe, _ in results], CLASS_NAMES, png)
-    print(f"\nper-class curves: {png}")
+    try:
+        import matplotlib  # noqa: F401 - the optional extra `plot`
+    except ImportError:
+        print("\nper-class curves: skipped (matplotlib is not installed: "
+              "pip install matplotlib)")
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        png = os.path.join(args.out, "per_class_curves.png")
+        plot_curves([(label, history, spe) for label, history, spe, _ in results],
+                    CLASS_NAMES, png)
+        print(f"\nper-class curves: {png}")
     print(f"total time {time.perf_counter() - started:.0f} s")
     return 0
 
