@@ -5,8 +5,8 @@
 Imports `_core` from DIR (built with ASan + UBSan) and tests/numpy_reference.py, never
 TensorFlow: the point is to run the framework-free kernels under the sanitizers on every
 code path (both layouts, every dtype pair, every canonical weight broadcast, pos_weight,
-squared, several thread counts, sizes that straddle the kernels' block (2048 elements) and
-work-item (32768 elements) boundaries, empty batch/spatial dims, the CUDA kernels' host
+squared, several thread counts, sizes that straddle the kernels' block (at most 120 rows,
+about 8192 elements: 1920 or 3840 for C = 1) and work-item (32768 elements) boundaries, empty batch/spatial dims, the CUDA kernels' host
 simulation with aligned and misaligned buffers when it is built in, and the error paths).
 Prints "SANITIZER ORACLE PASSED: <n> checks" on success; any mismatch raises.
 """
@@ -143,9 +143,10 @@ for (channels_last, logits_dtype, labels_dtype, weight_kind) in itertools.produc
               threads=1)
 
 # 2. Shapes: every spatial rank, C = 1 / 17 (lane period lcm(C, 16)) / 100 (> 16 lanes),
-#    sizes straddling the 2048-element block and the 32768-element work item, several
+#    sizes straddling the blocks (1920 or 3840 elements for C = 1, 2040 for C = 17) and
+#    the 32768-element work item, several
 #    thread counts (items split across threads differently).
-SHAPES = [(1, (), 1), (3, (), 5), (2, (7,), 1), (1, (2049,), 1), (2, (1025,), 3),
+SHAPES = [(1, (), 1), (3, (), 5), (2, (7,), 1), (1, (2049,), 1), (1, (3841,), 1), (2, (1025,), 3),
           (1, (33000,), 1), (2, (4100,), 17), (1, (3, 5, 7), 100), (2, (2, 3, 4), 16),
           (1, (17, 31), 7)]
 for (batch, spatial, classes), channels_last in itertools.product(SHAPES, (True, False)):

@@ -1,4 +1,5 @@
-"""The CPU kernels' lane geometry (csrc/core/segloss_cpu.cc, simd.h).
+"""The CPU kernels' lane geometry (csrc/core/segloss_cpu_blocks.h, segloss_cpu_forward.cc,
+segloss_cpu_grad.cc, simd.h).
 
 The kernels process rows of `period` elements (a multiple of C, or C itself for large C,
 or one class's positions for channels_first) as SIMD vectors of 4, 8, 16 or 32 lanes

@@ -1,7 +1,7 @@
 """The CUDA kernels' logic, run on the host (no GPU needed).
 
 fused_segloss._core.simulate_cuda_stats / simulate_cuda_grad execute the kernels' own
-__host__ __device__ code (csrc/cuda/segloss_cuda_plan.h) for every (block, thread) of the
+__host__ __device__ code (csrc/cuda/segloss_cuda_thread.h) for every (block, thread) of the
 launch the CUDA launcher would make, including the shared-memory tree of the block
 reduction (its barriers are the only device-only part) and the second-stage combine.
 They are compared with the CPU kernel (_core.stats / _core.logit_grad) and with the

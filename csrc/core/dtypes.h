@@ -1,4 +1,13 @@
-// Storage types of the kernels and their conversions to the compute type, framework-free.
+// The storage dtypes of the kernels, their runtime tags and the one dtype dispatch,
+// framework-free (host and CUDA device code).
+//
+// Operands: logits are float32, float64, float16 or bfloat16; labels any of those, uint8 or
+// bool. DType names them at run time (the frameworks map their own dtype enums to it);
+// FSL_FOR_EACH_LOGIT_TYPE / FSL_FOR_EACH_LABEL_TYPE list them at compile time, and
+// DispatchDTypes maps a runtime (logits, labels) pair to those types for every caller (the
+// CPU kernels, the CUDA launcher and its host simulation).
+// Math: float64 is computed in float64, every other dtype in float32 (ComputeTypeOf);
+// ToCompute widens exactly, FromCompute rounds to nearest even.
 //
 // Half and BFloat16 are layout-compatible with Eigen::half / Eigen::bfloat16 / __half /
 // __nv_bfloat16 (one uint16), so framework code reinterpret_casts its pointers to them.
@@ -19,20 +28,79 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-// The dtypes a kernel is instantiated for (one list, used by every instantiation macro).
+// Runtime dtype tags. The values are part of the C ABI of csrc/cuda/segloss_cuda_capi.cc.
+enum class DType : int { kFloat32 = 0, kFloat64, kFloat16, kBFloat16, kUInt8, kBool };
+
+inline const char* DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kUInt8: return "uint8";
+    case DType::kBool: return "bool";
+  }
+  return "unknown";
+}
+
+// Bytes per element.
+inline int64_t DTypeSize(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat64: return 8;
+    case DType::kFloat32: return 4;
+    case DType::kFloat16:
+    case DType::kBFloat16: return 2;
+    case DType::kUInt8:
+    case DType::kBool: return 1;
+  }
+  return 1;
+}
+
+// The storage type of each tag.
+template <typename T> struct DTypeTag;
+template <> struct DTypeTag<float> { static constexpr DType value = DType::kFloat32; };
+template <> struct DTypeTag<double> { static constexpr DType value = DType::kFloat64; };
+template <> struct DTypeTag<Half> { static constexpr DType value = DType::kFloat16; };
+template <> struct DTypeTag<BFloat16> { static constexpr DType value = DType::kBFloat16; };
+template <> struct DTypeTag<uint8_t> { static constexpr DType value = DType::kUInt8; };
+template <> struct DTypeTag<bool> { static constexpr DType value = DType::kBool; };
+
+// The dtypes the kernels are instantiated for: one list, used by DispatchDTypes and by
+// every explicit instantiation (M(Type, args...) for each).
 #define FSL_FOR_EACH_LOGIT_TYPE(M, ...) \
   M(float, __VA_ARGS__)                 \
   M(double, __VA_ARGS__)                \
   M(::fused_segloss::Half, __VA_ARGS__) \
   M(::fused_segloss::BFloat16, __VA_ARGS__)
 
-#define FSL_FOR_EACH_LABEL_TYPE(M, ...) \
-  M(float, __VA_ARGS__)                 \
-  M(double, __VA_ARGS__)                \
-  M(::fused_segloss::Half, __VA_ARGS__) \
+#define FSL_FOR_EACH_LABEL_TYPE(M, ...)     \
+  M(float, __VA_ARGS__)                     \
+  M(double, __VA_ARGS__)                    \
+  M(::fused_segloss::Half, __VA_ARGS__)     \
   M(::fused_segloss::BFloat16, __VA_ARGS__) \
-  M(uint8_t, __VA_ARGS__)               \
+  M(uint8_t, __VA_ARGS__)                   \
   M(bool, __VA_ARGS__)
+
+// Calls fn(LogitT{}, LabelT{}) for the pair of storage types named by the tags and returns
+// its result; returns `unsupported` when the pair is not in the lists. Host code only.
+template <typename Result, typename Fn>
+Result DispatchDTypes(DType logits, DType labels, Result unsupported, Fn&& fn) {
+#define FSL_DISPATCH_LABEL_CASE(LabelT, LogitT) \
+  if (labels == DTypeTag<LabelT>::value) return fn(LogitT{}, LabelT{});
+#define FSL_DISPATCH_LOGIT_CASE(LogitT, unused)            \
+  if (logits == DTypeTag<LogitT>::value) {                 \
+    FSL_FOR_EACH_LABEL_TYPE(FSL_DISPATCH_LABEL_CASE, LogitT) \
+  }
+  FSL_FOR_EACH_LOGIT_TYPE(FSL_DISPATCH_LOGIT_CASE, unused)
+#undef FSL_DISPATCH_LOGIT_CASE
+#undef FSL_DISPATCH_LABEL_CASE
+  return unsupported;
+}
+
+// Whether the kernels exist for this (logits, labels) pair.
+inline bool DTypesSupported(DType logits, DType labels) {
+  return DispatchDTypes<bool>(logits, labels, false, [](auto, auto) { return true; });
+}
 
 // Compute type: float64 stays float64; everything else is computed in float32.
 template <typename T>

@@ -1,3 +1,5 @@
+// AdviseHugePages (memory_advice.h): madvise(MADV_HUGEPAGE) on the 2 MiB-aligned interior
+// of a large buffer, on Linux; a no-op elsewhere.
 #include "memory_advice.h"
 
 #include <cstdint>

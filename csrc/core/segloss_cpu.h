@@ -1,19 +1,27 @@
 // Framework-free CPU kernels of fused_segloss: the [B, C, 8] statistics and their
-// gradient with respect to the logits. Used by the TF OpKernels, the XLA FFI handlers
-// and the pybind11 module; each supplies its own thread pool through ParallelFor.
+// gradient with respect to the logits, one pass over the data per direction. Used by the
+// TF OpKernels, the XLA FFI handlers and the pybind11 module; each supplies its own
+// thread pool through ParallelFor.
+//
+// Operands (SeglossProblem): logits and labels viewed as [B, N, C] (channels_last) or
+// [B, C, N] (channels_first), N the product of the spatial dims; optional float32 weights
+// in the same canonical view with every axis 1 (broadcast) or full; optional float32
+// pos_weight [C]. The statistics columns and the per-element formulas (forward terms and
+// dL/dx) are defined in segloss_math.h.
+//
+// Files: segloss_cpu.cc (checks, dtype dispatch, the work plan), segloss_cpu_forward.cc
+// (statistics), segloss_cpu_grad.cc (gradient), segloss_cpu_blocks.h (the partition and
+// input loads both passes share), segloss_cpu_lanes.h and simd.h (SIMD lanes).
 #pragma once
 
 #include <cstdint>
 #include <functional>
 #include <string>
 
+#include "dtypes.h"
 #include "segloss_math.h"
 
 namespace fused_segloss {
-
-enum class DType : int { kFloat32 = 0, kFloat64, kFloat16, kBFloat16, kUInt8, kBool };
-
-const char* DTypeName(DType dtype);
 
 // One call's inputs. Pointers are to dense row-major buffers.
 struct SeglossProblem {
@@ -40,8 +48,8 @@ using ParallelFor = std::function<void(int64_t n, int64_t cost_per_item, const R
 // A ParallelFor that runs everything on the calling thread.
 void SerialFor(int64_t n, int64_t cost_per_item, const RangeFn& fn);
 
-// Checks shapes, dtypes and pointers. Returns "" when valid, else a message that
-// names the argument and what was expected. Reads no data (pointers may be on a device).
+// Checks shapes and pointers. Returns "" when valid, else a message that names the
+// argument and what was expected. Reads no data (pointers may be on a device).
 std::string ValidateProblem(const SeglossProblem& problem);
 
 // The error for invalid values found during a pass ("" when both counts are 0); shared
@@ -51,30 +59,18 @@ std::string InvalidValuesMessage(int64_t invalid_labels, int64_t invalid_weights
 // Checks the host-side pos_weight values (finite, >= 0). Returns "" or a message.
 std::string ValidatePosWeight(const SeglossProblem& problem);
 
-// An optional second output of the forward pass, for float labels: every label as one
-// byte (1 where it is exactly 1, else 0) in the labels' layout, and whether every label
-// was exactly 0 or 1. Where it was, the gradient pass reads these bytes as uint8 labels
-// instead of the float labels (the same gradient bit for bit, 1 byte read per element
-// instead of 2-8); otherwise the bytes are not to be used. `data` holds one byte per
-// element of the labels.
-struct LabelBytes {
-  uint8_t* data = nullptr;
-  bool all_binary = false;  // set by the pass
-};
-
 // stats_out: float32 [B, C, 8]. Returns "" or an error message (invalid labels or
 // weights are detected during the pass). Bitwise deterministic for any ParallelFor:
 // the work is cut into fixed items whose partial sums are combined in a fixed order.
-// label_bytes: optional (see LabelBytes); float labels only.
 std::string ComputeStatsCpu(const SeglossProblem& problem, const ParallelFor& parallel_for,
-                            float* stats_out, LabelBytes* label_bytes = nullptr);
+                            float* stats_out);
 
 // grad_stats: float32 [B, C, 8] (dL/dstats). grad_logits_out: same shape and dtype as
-// the logits. Returns "" or an error message.
+// the logits (it may be the logits' own buffer). Returns "" or an error message.
 std::string ComputeLogitGradCpu(const SeglossProblem& problem, const float* grad_stats,
                                 const ParallelFor& parallel_for, void* grad_logits_out);
 
-// The fixed partition of the forward pass into work items (exposed for tests).
+// The fixed partition of both passes into work items (exposed for tests).
 struct StatsWorkPlan {
   int64_t positions_per_item = 0;
   int64_t items_per_row = 0;  // per image (channels_last) or per (image, class)

@@ -1,6 +1,7 @@
 // Lane access for the CPU kernels: loading storage dtypes into compute vectors (with the
-// conversion in registers), storing gradients back, partial vectors at row ends, and
-// folding float32 lane sums into float64. Host only.
+// conversion in registers), storing gradients back, partial vectors at row ends,
+// folding float32 lane sums into float64, and the weight-map expansion RepeatEach. Host
+// only; the per-element math these lanes feed is segloss_math.h's.
 //
 // The compute "vector" is VecF<kParts> (simd.h) for every logits dtype except float64,
 // whose compute type is a plain double (one lane): the kernels are written once against
@@ -49,14 +50,12 @@ inline HwF LoadHw(const float* p) {
 
 // bfloat16 is the top half of a float32: widen the 16-bit lanes and shift; uint8 and bool
 // (one byte, 0 or 1 for valid labels): widen to int32, then convert to float. With AVX2
-// each widening is one zero-extending load (vpmovzxwd / vpmovzxbd); GCC 12 compiled the
-// generic byte widening below lane by lane (about 30 instructions per vector, measured
-// +35% on the gradient with uint8 labels).
+// each widening is one zero-extending load (vpmovzxwd / vpmovzxbd), where the compiler
+// turns the generic byte widening below into a lane-by-lane conversion.
 #if defined(__AVX512F__)
 // AVX-512: the same widenings at 16 lanes (vcvtph2ps, vpmovzxwd + vpslld, vpmovzxbd +
-// vcvtdq2ps). Left to GCC 12, the byte and float16 loads were converted lane by lane
-// (Zen 4, in cache: forward 1.84 ns per element with bfloat16 logits and uint8 labels
-// against 1.16 ns with float32; float16 logits 2.5 ns).
+// vcvtdq2ps). Left to the compiler, the byte and float16 loads are converted lane by
+// lane, which makes narrow inputs slower than float32 ones instead of faster.
 inline HwF LoadHw(const Half* p) {  // exact for every half; ignores DAZ, like F16C
   const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return reinterpret_cast<HwF>(_mm512_cvtph_ps(halves));
@@ -147,11 +146,8 @@ inline bool FirstLanes(int count, double*) { return count > 0; }
 // ---------------------------------------------------------------------------------------
 // Software prefetch of the streams a loop walks, kPrefetchBytes ahead of the vector it is
 // on. Why: the hardware prefetchers do not cross 4 KiB pages, and the inputs are tensors the
-// caller allocated, usually in 4 KiB pages, so every page of every stream started with a
-// miss. Measured with the C++ harness (Zen 4, 8x512x512x5 float32, out of cache, best of
-// interleaved rounds): forward 1 thread 9.24 -> 8.98 ms, 2 threads 5.41 -> 4.83 ms;
-// gradient (with the write prefetch of its output) 1 thread 7.33 -> 6.44 ms; in cache
-// about 1% slower (the extra instructions). 1 and 4 KiB ahead measured no better than 2.
+// caller allocated, usually in 4 KiB pages, so every page of every stream would start with
+// a miss. Out of cache this is a gain; in cache it costs only the extra instructions.
 // The address is formed as an integer: it may lie past the buffer, which a prefetch never
 // faults on but pointer arithmetic must not reach.
 constexpr uintptr_t kPrefetchBytes = 2048;
@@ -193,8 +189,7 @@ inline void StoreHw(HwF v, BFloat16* p) {
   // vcvtneps2bf16 rounds to nearest even and quiets NaN exactly as FromCompute<BFloat16>,
   // but reads a subnormal float as 0. TF's threads flush subnormal results, so such lanes
   // are rare (other callers may not): a vector with one (vfpclassps, class bit 5) takes the
-  // integer rounding below. The gradient with bfloat16 logits in cache (Zen 4, 655k
-  // elements): 0.69 -> 0.61 ns per element; the rounding and narrowing were 11 instructions.
+  // integer rounding below. One instruction instead of the rounding and narrowing.
   const __m512 f = reinterpret_cast<__m512>(v);
   if (__builtin_expect(_mm512_fpclass_ps_mask(f, 0x20) == 0, 1)) {
     const __m256bh narrow = _mm512_cvtneps_pbh(f);
@@ -214,9 +209,8 @@ inline void StoreHw(HwF v, BFloat16* p) {
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // With AVX2, two hardware vectors narrow with one saturating pack (it never saturates: the
-// bits are in [0, 65535]) and one lane fix-up, instead of GCC's per-vector narrowing in
-// StoreHw (bf16 logits + uint8 labels, gradient in cache: 0.039 -> 0.028 ms per 20480
-// elements).
+// bits are in [0, 65535]) and one lane fix-up, instead of the compiler's per-vector
+// narrowing in StoreHw.
 template <int kParts>
 inline void StoreVec(VecF<kParts> v, BFloat16* p) {
   auto bits = [&](int i) { return reinterpret_cast<__m256i>(BFloat16Bits(v.part[i])); };
@@ -274,9 +268,9 @@ inline void StorePartial(VecF<kParts> v, Storage* p, int count) {
 // ---------------------------------------------------------------------------------------
 // dst[i] += lane i, in float64.
 inline void FoldInto(double v, double* dst) { dst[0] += v; }
-// Half a hardware vector at a time, widened in registers (vcvtps2pd): GCC compiled the
-// lane-by-lane loop to one scalar conversion, add and store per lane, about 11% of the
-// forward pass with AVX-512 (perf, Zen 4). The same additions in the same order.
+// Half a hardware vector at a time, widened in registers (vcvtps2pd): the compiler turns a
+// lane-by-lane loop into one scalar conversion, add and store per lane, a visible part of
+// the forward pass. The same additions in the same order.
 template <int kParts>
 inline void FoldInto(VecF<kParts> v, double* dst) {
   constexpr int kHalf = kHardwareLanes / 2;
@@ -299,8 +293,7 @@ inline void FoldInto(VecF<kParts> v, double* dst) {
 // width, a chunk of kHardwareLanes outputs is one permute of the kHardwareLanes values from
 // its first output's source index `base` on: lane j takes (phase + j) / repeats, where
 // phase = e % repeats, so the permute patterns are a table of `repeats` vectors and the
-// loop carries only two scalars (a loop-carried vector chain measured 0.6 cycles per
-// element). Chunks run while that window lies inside the values the outputs need (nothing
+// loop carries only two scalars (no loop-carried vector chain). Chunks run while that window lies inside the values the outputs need (nothing
 // past them is read); the last few values go one at a time. Longer runs are plain fills.
 inline void RepeatEach(const float* src, int64_t repeats, int64_t count, float* out) {
   int64_t e = 0;

@@ -1,4 +1,6 @@
-// The per-element math of fused_segloss, in one place (DESIGN §2).
+// The per-element math of fused_segloss, in one place: the eight forward terms of one
+// element (summed into the [B, C, 8] statistics) and its logit gradient given the upstream
+// gradients of those sums, plus the index math of the canonical [B, N, C] / [B, C, N] view.
 //
 // Every kernel (CPU, CUDA, and the XLA FFI handlers, which call the CPU and CUDA
 // kernels) evaluates the loss terms through the functions in this header, so the
@@ -15,6 +17,13 @@
 //   p  = sigmoid(x) = 1/(1+e) if x >= 0 else e/(1+e);   p(1-p) = e/(1+e)^2
 //   ce = pw·z·softplus(-x) + (1-z)·softplus(x)
 //   ce' = dce/dx = (1-z)·p - pw·z·(1-p)
+// The statistics of (image b, class c) are sums over that image's elements of class c of
+//   ce_sum = w·ce, weight_sum = w, intersection = w·z·p, pred_sum = w·p^k, label_sum = w·z^k,
+//   hard_tp = w·[x > 0]·[z >= 0.5], hard_pred = w·[x > 0], hard_label = w·[z >= 0.5].
+// The loss (Python side) is a function of these sums, so by the chain rule
+//   dL/dx = w·(g_ce·ce' + g_inter·z·p(1-p) + g_pred·k·p^(k-1)·p(1-p))
+// with g_ce, g_inter, g_pred the upstream gradients of ce_sum, intersection and pred_sum
+// (the other columns do not depend on x, or only through a step function).
 #pragma once
 
 #include <cstdint>
@@ -30,7 +39,7 @@
 
 namespace fused_segloss {
 
-// Columns of the [B, C, 8] statistics tensor (DESIGN §2.1).
+// Columns of the [B, C, 8] statistics tensor (the sums listed at the top of this file).
 enum StatColumn : int {
   kCeSum = 0,
   kWeightSum = 1,
@@ -95,8 +104,7 @@ FSL_HD double Reciprocal(double d) { return 1.0 / d; }
 
 // v·2^n for an integer n in [-126, 127], given both as a float (n) and as an int (n_int):
 // 2^n built in the exponent bits. The AVX-512 vector overload (simd.h) is one vscalefps on
-// n instead of the shift and multiply (the same result; the forward pass 2-3% and the
-// gradient 2-5% faster in cache, Zen 4).
+// n instead of the shift and multiply (the same result in fewer instructions).
 template <typename T, typename I>
 FSL_HD T ScaleByPowerOfTwo(T v, T /*n*/, I n_int) {
   return v * BitsToFloat((n_int + 127) << 23);
@@ -107,10 +115,9 @@ FSL_HD T ScaleByPowerOfTwo(T v, T /*n*/, I n_int) {
 // 2^n built in the exponent bits. The polynomial is 1 + r + c2·r² + ... + c5·r⁵ with c2..c5
 // fitted minimax to the relative error on |r| <= ln2/2 (linear program on 4000 Chebyshev
 // nodes; 1.0e-7 in exact arithmetic, 1.2e-7 with the coefficients rounded to float32).
-// Measured over every float32 t in [-87, 0] (AVX-512 build): max relative error 2.3e-7
-// (2 ulp), against 1.7e-7 for the degree-7 Taylor polynomial it replaced, which cost four
-// more multiply-adds per vector: the FMA pipes bind the forward pass, which got 4% faster in
-// cache (Zen 4, 655k elements, 0.583 -> 0.560 ms) and the gradient 8% (0.352 -> 0.325).
+// Over every float32 t in [-87, 0]: max relative error 2.3e-7 (2 ulp), close to a
+// degree-7 Taylor polynomial's 1.7e-7 with four fewer multiply-adds per vector (the
+// multiply-add pipes bind both passes).
 // t is clamped at -87 so 2^n stays a normal float; exp(-87) = 1.6e-38 is indistinguishable
 // from 0 in every use below. NaN passes through (the clamp compares false, the polynomial
 // stays NaN).
@@ -123,7 +130,7 @@ FSL_HD T ExpNonPositive(T t) {
   const auto n_int = FloatBits(shifted) - FloatBits(kMagic);
   // ln2 split so that n·kLn2Hi is exact for |n| < 2^10.
   const T r = MulAdd(n, T(-1.428606765330187e-06f), MulAdd(n, T(-0.693145751953125f), t));
-  // Estrin's scheme (shorter dependency chains than Horner; measured ~10% faster).
+  // Estrin's scheme: shorter dependency chains than Horner's.
   const T r2 = r * r;
   const T p01 = r + T(1.0f), p23 = MulAdd(r, T(0.16667261719703674f), T(0.4999926686286926f));
   const T p45 = MulAdd(r, T(0.008300540037453175f), T(0.04188753291964531f));
@@ -133,7 +140,7 @@ FSL_HD T ExpNonPositive(T t) {
 
 // log1p(e) for e in [0, 1] in float32 arithmetic, branch-free and division-free: e·P(e)
 // where P is a degree-8 polynomial fitted (Chebyshev nodes) to log1p(e)/e on [0, 1].
-// Measured max relative error in float32 arithmetic: 2.2e-7 (under 2 ulp), exact as e -> 0.
+// Max relative error in float32 arithmetic over [0, 1]: 2.2e-7 (under 2 ulp), exact as e -> 0.
 template <typename T>
 FSL_HD T Log1pUnit(T e) {
   // Coefficients c0..c8 of P, evaluated with Estrin's scheme.
@@ -233,8 +240,7 @@ FSL_HD T CrossEntropy(T x, T z, T pos_weight, T positive_part, T log_term) {
 // z·(max(x, 0) - x) + (1-z)·max(x, 0) = max(x, 0) - z·x. That difference equals
 // (1-z)·max(x, 0) + z·max(-x, 0), a sum of non-negative terms, so its one rounding (a fused
 // multiply-add) loses nothing; for labels 0 and 1 it is exact, and ce is bit for bit the
-// general form's. 3 vector operations instead of 8: the forward pass 5% faster in cache
-// (Zen 4, 655k elements, 0.519 -> 0.494 ms).
+// general form's. 3 vector operations instead of 8.
 template <typename T>
 FSL_HD T CrossEntropyExceptLog(T x, T z, T positive_part) {
   return MulAdd(-z, x, positive_part);
@@ -251,7 +257,8 @@ FSL_HD auto PredictedPositive(T x) { return x > T(0); }
 template <typename T>
 FSL_HD auto LabelPositive(T z) { return z >= T(0.5f); }
 
-// The eight statistics contributions of one element (DESIGN §2.1 table). PosWeight is T
+// The eight statistics contributions of one element (the sums at the top of this file,
+// in StatColumn order). PosWeight is T
 // (the class's pos_weight) or UnitPosWeight. kLogDeferred (UnitPosWeight and w = 1 only):
 // out[kCeSum] leaves out the log term log1p(e), and *deferred_e gets e, for the caller to
 // sum as Log1pProductStep runs. e = ExpOfNegativeAbs(x) (ForwardTerms below computes it).
@@ -289,7 +296,7 @@ FSL_HD void ForwardTerms(T x, T z, T w, PosWeight pos_weight, T out[kNumStats],
 }
 
 // dL/dx of one element given the upstream gradients of the differentiable columns
-// (DESIGN §2.2): g_ce = dL/d ce_sum, g_inter = dL/d intersection, g_pred = dL/d pred_sum.
+// (the chain rule at the top of this file): g_ce = dL/d ce_sum, g_inter = dL/d intersection, g_pred = dL/d pred_sum.
 //   d(w·ce)/dx      = w·ce'
 //   d(w·p·z)/dx     = w·z·p(1-p)
 //   d(w·p^k)/dx     = w·k·p^(k-1)·p(1-p)

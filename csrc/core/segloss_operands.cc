@@ -1,3 +1,6 @@
+// The operand rules of segloss_operands.h: the framework adapters' shapes and pointers
+// -> SeglossProblem (the [B, N, C] / [B, C, N] view, the canonical weights view,
+// pos_weight), and the grad_stats shape check. Every message names the argument.
 #include "segloss_operands.h"
 
 namespace fused_segloss {

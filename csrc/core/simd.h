@@ -7,13 +7,12 @@
 // lanes, AVX/AVX2: 8, else 4 with plain vector extensions that GCC lowers to SSE/NEON or
 // scalar code), and every operation is issued for all parts back to back.
 //
-// Why parts: one vector's exp -> reciprocal -> gradient chain is about 80 cycles of
-// latency for about 40 instructions, more than the out-of-order scheduler overlaps on its
-// own; two interleaved chains keep the FP pipes busier. The gradient uses 2 parts (in-cache
-// 1.1 -> 0.9 ns per element on Zen 3); the forward uses 2 with AVX-512 and 1 with AVX2
-// (its accumulators live in L1; with 16 registers 2 parts measured no faster on Zen 3).
-// Why not auto-vectorisation: gcc kept the 8 accumulator columns in memory and compiled
-// 1/(1+e) to a full-latency division (the old loop's hottest instruction).
+// Why parts: one vector's exp -> reciprocal -> gradient chain has far more latency than
+// instructions, more than the out-of-order scheduler overlaps on its own; two interleaved
+// chains keep the FP pipes busier. The gradient uses 2 parts; the forward uses 2 with
+// AVX-512 (32 registers) and 1 with AVX2 (16 registers, which its accumulators need).
+// Why not auto-vectorisation: the compiler keeps the 8 accumulator columns in memory and
+// compiles 1/(1+e) to a full-latency division.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -24,7 +23,18 @@
 #include <cstring>
 
 #if defined(__AVX__) || defined(__AVX512F__)
+// GCC 12's intrinsics initialise their "undefined" operands as `__m512 __Y = __Y;`, which
+// -Wall reports wherever such an intrinsic is inlined into our code (GCC bug 105593, fixed
+// in GCC 13). The warning's location is that line of the header, so it is silenced there.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 namespace fused_segloss {
@@ -67,9 +77,9 @@ inline HwF MulAddHw(HwF a, HwF b, HwF c) {
 
 // 1/d for d in [1, 2] (1/(1+e); also Log1pWide's small correction, d >= 1). The hardware
 // estimate (relative error 2^-14 with AVX-512, 1.5·2^-12 with AVX; any normal d) refined by
-// one Newton step r' = r + r(1 - d r),
-// which squares the error (measured over every float in [1, 2] with AVX2: max relative
-// error 1.5e-7, 1.3 ulp) instead of a 10-14 cycle division. NaN stays NaN.
+// one Newton step r' = r + r(1 - d r), which squares the error (over every float in [1, 2]
+// with AVX2: max relative error 1.5e-7, 1.3 ulp), instead of a long-latency division.
+// NaN stays NaN.
 inline HwF ReciprocalHw(HwF d) {
 #if defined(__AVX512F__) || defined(__AVX__)
 #if defined(__AVX512F__)
@@ -92,10 +102,9 @@ inline HwF ReciprocalHw(HwF d) {
 // Per-lane masks. With AVX-512 they live in mask registers, one bit per lane: comparisons
 // produce them and blends and masked adds consume them. As vectors (how GCC represents the
 // comparisons of vector extensions) each use cost a move into a vector register, and a
-// masked add a test back into a mask register. With mask registers the forward's inner
-// loop is 143 instructions per two vectors, against 154 with blends and plain adds (GCC 12,
-// float32 without weights), and the sums are the same bit for bit. Elsewhere a mask is a
-// vector of all-ones or all-zeros lanes.
+// masked add a test back into a mask register; with mask registers the forward's inner
+// loop is shorter, and the sums are the same bit for bit. Elsewhere a mask is a vector of
+// all-ones or all-zeros lanes.
 #if defined(__AVX512F__)
 typedef __mmask16 HwMask;
 inline HwMask LessHw(HwF a, HwF b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
@@ -248,8 +257,8 @@ template <int kParts>
 inline VecF<kParts> Reciprocal(VecF<kParts> d) {
   FSL_PARTS(VecF<kParts>, ReciprocalHw(d.part[i]));
 }
-// m ? a + b : a per lane: one masked add with AVX-512 (a blend of a + b and a compiled to
-// an add and two xors, and a + (m ? b : 0) to a zeroing move and an add; GCC 12).
+// m ? a + b : a per lane: one masked add with AVX-512 (the compiler turns a blend of
+// a + b and a, or a + (m ? b : 0), into two or three instructions).
 template <int kParts>
 inline VecF<kParts> AddWhere(VecMask<kParts> m, VecF<kParts> a, VecF<kParts> b) {
   FSL_PARTS(VecF<kParts>, AddWhereHw(m.part[i], a.part[i], b.part[i]));

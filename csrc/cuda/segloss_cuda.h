@@ -1,4 +1,6 @@
-// TF-free launcher API of the fused_segloss CUDA kernels (DESIGN §2.1, §2.2).
+// TF-free launcher API of the fused_segloss CUDA kernels: the [B, C, 8] statistics
+// (LaunchStats) and their gradient with respect to the logits (LaunchLogitGrad), with the
+// same operands, per-element math (segloss_math.h) and error messages as the CPU kernels.
 //
 // Callers: the TF DEVICE_GPU OpKernels (csrc/tf/segloss_kernels_gpu.cc), the XLA "CUDA"
 // FFI handlers (csrc/tf/segloss_xla_ffi.cc) and the standalone library used by
@@ -14,7 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "segloss_cpu.h"  // fused_segloss::SeglossProblem, DType (plain structs)
+#include "segloss_cpu.h"  // fused_segloss::SeglossProblem (a plain struct)
 
 namespace fused_segloss {
 namespace cuda {

@@ -2,7 +2,7 @@
 // libfused_segloss_cuda.so (tests/gpu/check_gpu.py loads it with ctypes and passes
 // CuPy / PyTorch device pointers and stream handles). Not part of the TF op library.
 //
-// dtype codes are fused_segloss::DType values: 0 float32, 1 float64, 2 float16,
+// dtype codes are fused_segloss::DType values (dtypes.h): 0 float32, 1 float64, 2 float16,
 // 3 bfloat16, 4 uint8, 5 bool. weights: null or the canonical rank-3 view whose dims
 // are (weights_batch, weights_positions, weights_classes), each 1 or full.
 // Every function returns 0 on success; the *_error_message functions give the text.

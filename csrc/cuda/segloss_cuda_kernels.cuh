@@ -1,12 +1,14 @@
-// __global__ wrappers around the per-thread work of segloss_cuda_plan.h, and the one
-// device-only piece: the intra-block reduction (a shared-memory tree). Included by the
+// The CUDA kernels: __global__ wrappers around the per-thread work of
+// segloss_cuda_thread.h (forward statistics into per-block partial records; gradient
+// elements), the typed launchers, and the one device-only piece, the intra-block reduction
+// (a shared-memory tree). The per-element math is segloss_math.h's. Included by the
 // per-dtype instantiation files segloss_cuda_<dtype>.cu; no TF headers.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "segloss_cuda_launch.h"
-#include "segloss_cuda_plan.h"
+#include "segloss_cuda_thread.h"
 
 namespace fused_segloss {
 namespace cuda {
@@ -24,7 +26,7 @@ struct MaxThreadsOf<double> {
 // smem[(slot·8 + column)·threads + r]. threads = q·2^p, so every tree stride from
 // threads/2 down to q is a multiple of q and pairs threads holding the same classes.
 // The order of additions is fixed by the block shape: deterministic. The steps are
-// __host__ __device__ (segloss_cuda_plan.h); only the barriers are device-only.
+// __host__ __device__ (segloss_cuda_thread.h); only the barriers are device-only.
 template <typename Compute>
 __device__ void BlockReduceLanes(const Compute acc[kSlots][kNumStats], int threads, int q,
                                  Compute* smem) {

@@ -1,14 +1,19 @@
 // The TF-free launchers of segloss_cuda.h: argument checks, the launch plan, scratch
-// memory, dtype dispatch to the typed kernels, and the value check of the forward pass.
+// memory, dtype dispatch to the typed kernels (DispatchDTypes, dtypes.h), the second stage
+// of the forward reduction (CombineKernel), and the value check of the forward pass.
+//
+// Operands: a SeglossProblem of device pointers (segloss_cuda.h); the forward writes
+// stats [B, C, 8] after summing the blocks' float64 partial records in a fixed order, the
+// gradient writes dL/dlogits in the logits' dtype. The per-element math is
+// segloss_math.h's; the per-thread work is segloss_cuda_thread.h's.
 #include <cuda_runtime.h>
 
 #include <string>
 
 #include "segloss_cuda.h"
-#include "segloss_cuda_dispatch.h"
 #include "segloss_cuda_launch.h"
-#include "segloss_cuda_plan.h"
 #include "segloss_cuda_problem.h"
+#include "segloss_cuda_thread.h"
 
 namespace fused_segloss {
 namespace cuda {
@@ -158,7 +163,8 @@ int LaunchStats(const SeglossProblem& problem, float* stats_out, void* stream_pt
     return Fail(kInvalidArgument, "fused_segloss CUDA: unsupported logits/labels dtype pair");
   }
   if (launch != cudaSuccess) return CudaFail("the statistics kernels", static_cast<cudaError_t>(launch));
-  error = CountsMessage(static_cast<int64_t>(host_counts[0]), static_cast<int64_t>(host_counts[1]));
+  error = InvalidValuesMessage(static_cast<int64_t>(host_counts[0]),
+                               static_cast<int64_t>(host_counts[1]));
   if (!error.empty()) return Fail(kInvalidValues, error);
   return kOk;
 }

@@ -1,6 +1,7 @@
-// Internal: the typed kernel launchers, defined in segloss_cuda_kernels.cuh and
-// instantiated once per logits dtype in segloss_cuda_<dtype>.cu, called by the
-// dispatching launcher in segloss_cuda_launch.cu. Return a cudaError_t value.
+// Internal: the typed kernel launchers (forward statistics, gradient, and the forward's
+// second-stage combine), defined in segloss_cuda_kernels.cuh and instantiated once per
+// logits dtype in segloss_cuda_<dtype>.cu, called by the dispatching launcher in
+// segloss_cuda_launch.cu. They return a cudaError_t value.
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,12 +1,17 @@
-// Host-side preparation of a launch, shared by the CUDA launcher and the host
-// simulation (csrc/python/cuda_simulation.cc): argument checks, the kernels' view of
-// the problem, and the message for invalid values. No CUDA include.
+// Host-side preparation of a CUDA launch, shared by the launcher (segloss_cuda_launch.cu)
+// and the host simulation (csrc/python/cuda_simulation.cc): the argument checks and the
+// kernels' view of the problem (KernelProblem: pointers, weight strides, and whether the
+// buffers are aligned for whole-group vector accesses). No CUDA include.
+//
+// Checks: the CPU kernels' shape rules (ValidateProblem), the dtype pair (the lists of
+// dtypes.h), and the launch size (at most 2^31 - 1 blocks).
 #pragma once
 
+#include <cstdint>
 #include <string>
 
+#include "dtypes.h"
 #include "segloss_cpu.h"
-#include "segloss_cuda_dispatch.h"
 #include "segloss_cuda_plan.h"
 
 namespace fused_segloss {
@@ -16,14 +21,11 @@ namespace cuda {
 inline std::string CheckLaunchProblem(const SeglossProblem& p) {
   const std::string error = ValidateProblem(p);  // the CPU kernel's shape rules
   if (!error.empty()) return error;
-  const ProblemShape& s = p.shape;
-  const bool supported = DispatchDTypes<bool>(p.logits_dtype, p.labels_dtype, false,
-                                              [](auto, auto) { return true; });
-  if (!supported) {
+  if (!DTypesSupported(p.logits_dtype, p.labels_dtype)) {
     return std::string("unsupported dtypes: `logits` ") + DTypeName(p.logits_dtype) +
            ", `labels` " + DTypeName(p.labels_dtype);
   }
-  const LaunchPlan plan = MakeLaunchPlan(s, MaxThreadsFor(p.logits_dtype));
+  const LaunchPlan plan = MakeLaunchPlan(p.shape, MaxThreadsFor(p.logits_dtype));
   if (plan.num_blocks > 0x7fffffff) {
     return "`logits` is too large for one CUDA launch (" + std::to_string(plan.num_blocks) +
            " blocks > 2^31 - 1)";
@@ -48,12 +50,6 @@ inline KernelProblem MakeKernelProblem(const SeglossProblem& p, const void* grad
                    AlignedForGroups(p.labels, p.labels_dtype) &&
                    (grad_out == nullptr || AlignedForGroups(grad_out, p.logits_dtype));
   return k;
-}
-
-// The CPU kernel's wording (segloss_cpu.cc CountsError), so that both devices report
-// invalid values identically; tests/test_cuda_host_simulation.py compares the two.
-inline std::string CountsMessage(int64_t invalid_labels, int64_t invalid_weights) {
-  return InvalidValuesMessage(invalid_labels, invalid_weights);  // the CPU kernel's wording
 }
 
 }  // namespace cuda

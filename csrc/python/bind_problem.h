@@ -1,5 +1,6 @@
 // NumPy arrays -> SeglossProblem for the pybind11 module (core kernels and the CUDA host
-// simulation). The shape rules are the shared ones of core/segloss_operands.h.
+// simulation): logits, labels, weights (None or the canonical rank-3 view), pos_weight
+// (None or [C]). The shape rules are the shared ones of core/segloss_operands.h.
 #pragma once
 
 #include <pybind11/numpy.h>

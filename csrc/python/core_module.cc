@@ -1,4 +1,6 @@
-// pybind11 module `fused_segloss._core`: the framework-free CPU kernels on NumPy arrays.
+// pybind11 module `fused_segloss._core`: the framework-free CPU kernels on NumPy arrays
+// (stats -> [B, C, 8] float32, logit_grad -> dL/dlogits in the logits' dtype; operands as
+// in csrc/core/segloss_cpu.h, math in csrc/core/segloss_math.h) and their work plan.
 // Used by tests (TF-independent oracle checks, sanitizer builds) and by the CUDA
 // host-simulation tests. Arrays must be C-contiguous (non-contiguous input is copied).
 #include <pybind11/numpy.h>

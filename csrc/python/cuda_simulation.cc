@@ -1,6 +1,8 @@
-// Host simulation of the CUDA kernels, added to fused_segloss._core.
+// Host simulation of the CUDA kernels, added to fused_segloss._core: the statistics and
+// the gradient a CUDA launch would compute, with the same operands as the CPU kernels
+// (NumPy arrays bound by bind_problem.h) and the same per-element math (segloss_math.h).
 //
-// Runs the kernels' own __host__ __device__ code (csrc/cuda/segloss_cuda_plan.h) for
+// Runs the kernels' own __host__ __device__ code (csrc/cuda/segloss_cuda_thread.h) for
 // every (block, thread) of the launch that the CUDA launcher would make, on NumPy
 // arrays, with the host compiler (no CUDA needed). The only things not executed as on
 // the device are the barriers of the intra-block reduction: the host runs each tree
@@ -27,10 +29,11 @@
 #include <vector>
 
 #include "bind_problem.h"
+#include "dtypes.h"
 #include "segloss_cpu.h"
-#include "segloss_cuda_dispatch.h"
 #include "segloss_cuda_plan.h"
 #include "segloss_cuda_problem.h"
+#include "segloss_cuda_thread.h"
 
 namespace py = pybind11;
 
@@ -96,7 +99,7 @@ std::string SimulateStats(const SeglossProblem& p, bool vector_loads, float* sta
       }
     }
   }
-  const std::string error = fc::CountsMessage(total.labels, total.weights);
+  const std::string error = fused_segloss::InvalidValuesMessage(total.labels, total.weights);
   if (!error.empty()) return error;
   const fused_segloss::ProblemShape& s = p.shape;
   for (int64_t b = 0; b < s.batch; ++b) {
@@ -147,7 +150,7 @@ py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& l
   fc::HostMisalignedGroupAccesses() = 0;
   {
     py::gil_scoped_release release;
-    error = fc::DispatchDTypes<std::string>(
+    error = fused_segloss::DispatchDTypes<std::string>(
         p.logits_dtype, p.labels_dtype, "unsupported dtypes", [&](auto logit_tag, auto label_tag) {
           using LogitT = decltype(logit_tag);
           using LabelT = decltype(label_tag);
@@ -178,16 +181,17 @@ py::array SimulateGradPy(const py::object& logits, const py::object& labels,
   fc::HostMisalignedGroupAccesses() = 0;
   {
     py::gil_scoped_release release;
-    fc::DispatchDTypes<int>(p.logits_dtype, p.labels_dtype, 0, [&](auto logit_tag, auto label_tag) {
-      using LogitT = decltype(logit_tag);
-      using LabelT = decltype(label_tag);
-      if (p.squared) {
-        SimulateGrad<LogitT, LabelT, true>(p, vector_loads, g, out_data);
-      } else {
-        SimulateGrad<LogitT, LabelT, false>(p, vector_loads, g, out_data);
-      }
-      return 0;
-    });
+    fused_segloss::DispatchDTypes<int>(
+        p.logits_dtype, p.labels_dtype, 0, [&](auto logit_tag, auto label_tag) {
+          using LogitT = decltype(logit_tag);
+          using LabelT = decltype(label_tag);
+          if (p.squared) {
+            SimulateGrad<LogitT, LabelT, true>(p, vector_loads, g, out_data);
+          } else {
+            SimulateGrad<LogitT, LabelT, false>(p, vector_loads, g, out_data);
+          }
+          return 0;
+        });
   }
   CheckAlignment();
   return out;

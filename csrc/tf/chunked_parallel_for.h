@@ -2,10 +2,9 @@
 // XLA's for the FFI handlers): the calling thread plus at most (pool threads - 1) pool
 // tasks claim chunks of items from a shared counter.
 //
-// Why not the framework's own ParallelFor: TF's ran the caller alongside every pool thread,
-// 3 busy threads on the 2 cores of the CI machine. With as many threads as the pool has,
-// the ops measured faster in an interleaved A/B in one process (8 images x 5 classes):
-// forward 22% and gradient 7% at 256², 0-3% at 512² and 1024².
+// Why not the framework's own ParallelFor: TF's runs the caller alongside every pool
+// thread, one busy thread more than the pool has cores for; with as many threads as the
+// pool has, no core is oversubscribed (which matters most for small inputs).
 // Why the caller waits only for chunks to finish, never for a task to start: when the pool
 // is busy (or its threads are all callers themselves) the caller runs every chunk alone,
 // so it cannot deadlock. A task that starts late finds nothing to claim and touches only

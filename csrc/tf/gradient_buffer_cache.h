@@ -1,13 +1,11 @@
-// Reuse of the CPU gradient kernel's output buffers across calls.
+// Reuse of the CPU gradient kernel's output buffers across calls (segloss_kernels_cpu.cc).
 //
 // Why: a logits-sized gradient is tens of MB. TF's CPU allocator hands such sizes to
-// glibc, which maps fresh pages for each one (above its 32 MiB mmap threshold) and unmaps
-// them on free, so every call pays page faults and the kernel zeroing the pages: measured
-// 10-20 ms for 42 MB on Zen 3, longer than the gradient pass itself (6-9 ms; on Zen 4 TF
-// writes a fresh 42 MB tensor in 2.4-3.2 ms). The kernel keeps
-// the last kSlots buffers it allocated and hands one back out once nobody else holds it
-// (the caller released last step's gradient), so a steady training loop writes into warm
-// memory. Two slots because a loop like `grads = tape.gradient(...)` still references the
+// glibc, which maps fresh pages for each one (above its mmap threshold) and unmaps them on
+// free, so every call pays page faults and the kernel zeroing the pages, which can take
+// longer than the gradient pass itself. The kernel keeps the last kSlots buffers it
+// allocated and hands one back out once nobody else holds it (the caller released last
+// step's gradient), so a steady training loop writes into warm memory. Two slots because a loop like `grads = tape.gradient(...)` still references the
 // previous gradient while the next one is computed.
 //
 // Cost: up to kSlots idle buffers of the latest gradient shapes stay allocated while the
@@ -21,9 +19,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/platform/mutex.h"
 
 namespace fused_segloss_tf {
 
@@ -42,7 +40,7 @@ class GradientBufferCache {
   bool TakeIdle(tensorflow::DataType dtype, const tensorflow::TensorShape& shape,
                 tensorflow::Tensor* out) {
     if (!enabled_) return false;
-    tensorflow::mutex_lock lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     for (tensorflow::Tensor& slot : slots_) {
       if (slot.IsInitialized() && slot.dtype() == dtype && slot.shape() == shape &&
           slot.RefCountIsOne()) {
@@ -57,7 +55,7 @@ class GradientBufferCache {
   // oldest one), when it is large enough to be worth reusing.
   void Remember(const tensorflow::Tensor& fresh) {
     if (!enabled_ || static_cast<int64_t>(fresh.TotalBytes()) < kMinCachedBytes) return;
-    tensorflow::mutex_lock lock(mu_);
+    std::lock_guard<std::mutex> lock(mu_);
     int victim = next_;
     for (int i = 0; i < kSlots; ++i) {
       if (!slots_[i].IsInitialized() || slots_[i].RefCountIsOne()) {
@@ -71,7 +69,7 @@ class GradientBufferCache {
 
  private:
   bool enabled_ = true;
-  tensorflow::mutex mu_;
+  std::mutex mu_;
   tensorflow::Tensor slots_[kSlots];
   int next_ = 0;
 };

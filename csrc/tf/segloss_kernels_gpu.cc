@@ -1,5 +1,7 @@
-// GPU OpKernels: thin adapters from tensors to the TF-free CUDA launchers of
-// csrc/cuda/segloss_cuda.h, on TF's compute stream. Compiled only when the CMake build
+// GPU OpKernels of FusedSeglossStats and FusedSeglossStatsGrad (segloss_ops.cc): thin
+// adapters from tensors to the TF-free CUDA launchers of csrc/cuda/segloss_cuda.h, on TF's
+// compute stream, with the CPU kernels' operands, shape checks (segloss_problem.h) and
+// per-element math (csrc/core/segloss_math.h). Compiled only when the CMake build
 // has CUDA (GOOGLE_CUDA=1); CPU-only builds compile this file to nothing.
 //
 // Memory: all inputs (including weights, pos_weight and grad_stats) stay in device
@@ -30,7 +32,7 @@ namespace fcuda = fused_segloss::cuda;
 absl::Status StreamOf(OpKernelContext* ctx, const char* op, void** stream) {
   auto* device_context = ctx->op_device_context();
   if (device_context == nullptr || device_context->stream() == nullptr) {
-    return tensorflow::errors::Internal(op, ": no GPU stream for the kernel");
+    return Internal(op, ": no GPU stream for the kernel");
   }
   *stream = device_context->stream()->platform_specific_handle().stream;
   return absl::OkStatus();
@@ -39,8 +41,8 @@ absl::Status StreamOf(OpKernelContext* ctx, const char* op, void** stream) {
 absl::Status StatusOf(int code, const char* op) {
   if (code == fcuda::kOk) return absl::OkStatus();
   const std::string message = fcuda::ErrorMessage(code);
-  if (code == fcuda::kCudaError) return tensorflow::errors::Internal(op, ": ", message);
-  return tensorflow::errors::InvalidArgument(op, ": ", message);
+  if (code == fcuda::kCudaError) return Internal(op, ": ", message);
+  return InvalidArgument(op, ": ", message);
 }
 
 class StatsGpuOp : public SeglossKernelBase {
@@ -75,11 +77,10 @@ class StatsGradGpuOp : public SeglossKernelBase {
     fused_segloss::SeglossProblem problem;
     OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, channels_last_, squared_, &problem));
     const Tensor& grad_stats = ctx->input(4);
-    const tensorflow::TensorShape expected({problem.shape.batch, problem.shape.classes, 8});
-    OP_REQUIRES(ctx, grad_stats.shape() == expected,
-                tensorflow::errors::InvalidArgument(
-                    kOp, ": `grad_stats` must have shape ", expected.DebugString(), ", got ",
-                    grad_stats.shape().DebugString()));
+    const TensorDims grad_dims(grad_stats);
+    const std::string shape_error =
+        fused_segloss::CheckGradStatsShape(problem, grad_dims.dims, grad_dims.rank);
+    OP_REQUIRES(ctx, shape_error.empty(), InvalidArgument(kOp, ": ", shape_error));
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &grad));
     if (grad->NumElements() == 0) return;

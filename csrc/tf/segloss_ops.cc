@@ -1,4 +1,8 @@
-// Op registrations and shape functions (kernels live in segloss_kernels_*.cc).
+// TF op registrations and shape functions: FusedSeglossStats (logits, labels, weights,
+// pos_weight -> float32 stats [B, C, 8]) and FusedSeglossStatsGrad (the same inputs plus
+// grad_stats = dL/dstats [B, C, 8] -> dL/dlogits, the logits' shape and dtype). The
+// columns and the per-element math are those of csrc/core/segloss_math.h; the kernels are
+// segloss_kernels_cpu.cc and segloss_kernels_gpu.cc.
 //
 // The Python layer canonicalises the optional inputs before calling these ops:
 //   weights:    float32 [Bw, Nw, Cw] (channels_last) or [Bw, Cw, Nw] (channels_first),
@@ -46,48 +50,6 @@ REGISTER_OP("FusedSeglossStats")
 Per-image, per-class sums [B, C, 8] of the sigmoid cross-entropy and soft-Dice terms
 (ce_sum, weight_sum, intersection, pred_sum, label_sum, hard_tp, hard_pred, hard_label).
 )doc");
-
-// The CPU forward for a gradient to come (see LabelBytes in segloss_cpu.h): the stats, and
-// the labels as bytes (labels' shape) where every label is exactly 0 or 1 and the inputs
-// have at least min_input_bytes (the default: see segloss_kernels_cpu.cc), else shape [0].
-REGISTER_OP("FusedSeglossStatsWithLabelBytes")
-    .Input("logits: T")
-    .Input("labels: TL")
-    .Input("weights: float")
-    .Input("pos_weight: float")
-    .Output("stats: float")
-    .Output("label_bytes: uint8")
-    .Attr("T: {half, bfloat16, float, double}")
-    .Attr("TL: {half, bfloat16, float, double}")
-    .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
-    .Attr("squared: bool = false")
-    .Attr("min_input_bytes: int = 33554432")  // logits + labels bytes below which none are written
-    .SetShapeFn([](InferenceContext* c) {
-      TF_RETURN_IF_ERROR(StatsShape(c));
-      c->set_output(1, c->UnknownShape());  // the labels' shape or [0], known at run time
-      return absl::OkStatus();
-    })
-    .Doc("FusedSeglossStats, plus the labels as bytes for the gradient pass.");
-
-// FusedSeglossStatsGrad reading `label_bytes` as uint8 labels when it has the labels'
-// size (the forward found every label 0 or 1), else `labels`.
-REGISTER_OP("FusedSeglossStatsGradWithLabelBytes")
-    .Input("logits: T")
-    .Input("labels: TL")
-    .Input("label_bytes: uint8")
-    .Input("weights: float")
-    .Input("pos_weight: float")
-    .Input("grad_stats: float")
-    .Output("grad_logits: T")
-    .Attr("T: {half, bfloat16, float, double}")
-    .Attr("TL: {half, bfloat16, float, double}")
-    .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
-    .Attr("squared: bool = false")
-    .SetShapeFn([](InferenceContext* c) {
-      c->set_output(0, c->input(0));
-      return absl::OkStatus();
-    })
-    .Doc("Gradient of FusedSeglossStatsWithLabelBytes with respect to the logits.");
 
 REGISTER_OP("FusedSeglossStatsGrad")
     .Input("logits: T")

@@ -1,14 +1,28 @@
-// Builds the framework-free SeglossProblem from the op's input tensors, with every
-// shape check of the TF entry point in one place (shared by the CPU and GPU kernels).
+// Builds the framework-free SeglossProblem from the op's input tensors (logits, labels,
+// weights, pos_weight at inputs 0-3: the operands of csrc/core/segloss_operands.h), maps
+// TF's dtypes to the core's DType, and reads the attributes every kernel shares. Shared by
+// the CPU and GPU OpKernels; the shape rules themselves live in the core.
 #pragma once
 
 #include <string>
 
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "segloss_operands.h"
 
 namespace fused_segloss_tf {
+
+// Statuses with their message pieces concatenated (absl::StrCat).
+template <typename... Pieces>
+absl::Status InvalidArgument(const Pieces&... pieces) {
+  return absl::InvalidArgumentError(absl::StrCat(pieces...));
+}
+template <typename... Pieces>
+absl::Status Internal(const Pieces&... pieces) {
+  return absl::InternalError(absl::StrCat(pieces...));
+}
 
 inline absl::Status ToCoreDType(tensorflow::DataType dtype, const char* arg,
                                 fused_segloss::DType* out) {
@@ -22,8 +36,8 @@ inline absl::Status ToCoreDType(tensorflow::DataType dtype, const char* arg,
     case tensorflow::DT_BOOL: *out = DType::kBool; return absl::OkStatus();
     default: break;
   }
-  return tensorflow::errors::InvalidArgument("FusedSegloss: unsupported dtype for `", arg,
-                                             "`: ", tensorflow::DataTypeString(dtype));
+  return InvalidArgument("FusedSegloss: unsupported dtype for `", arg, "`: ",
+                         tensorflow::DataTypeString(dtype));
 }
 
 // The dims of a tensor as int64 (TF's dim_size), for OperandView.
@@ -35,25 +49,17 @@ struct TensorDims {
   int rank;
 };
 
-// The ctx inputs logits, labels, weights, pos_weight: at indices 0-3 unless `at` says
-// otherwise (an op with an input between them).
-struct OperandIndices {
-  int logits = 0, labels = 1, weights = 2, pos_weight = 3;
-};
-
 inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool channels_last,
-                                      bool squared, fused_segloss::SeglossProblem* p,
-                                      OperandIndices at = {}) {
-  const tensorflow::Tensor* inputs[4] = {&ctx->input(at.logits), &ctx->input(at.labels),
-                                         &ctx->input(at.weights), &ctx->input(at.pos_weight)};
+                                      bool squared, fused_segloss::SeglossProblem* p) {
+  const tensorflow::Tensor* inputs[4] = {&ctx->input(0), &ctx->input(1), &ctx->input(2),
+                                         &ctx->input(3)};
   const char* names[4] = {"logits", "labels", "weights", "pos_weight"};
   TensorDims dims[4] = {TensorDims(*inputs[0]), TensorDims(*inputs[1]), TensorDims(*inputs[2]),
                         TensorDims(*inputs[3])};
   fused_segloss::OperandView views[4];
   for (int i = 0; i < 4; ++i) {
     if (inputs[i]->dims() > 8) {
-      return tensorflow::errors::InvalidArgument("FusedSegloss: `", names[i],
-                                                 "` has too many dimensions");
+      return InvalidArgument("FusedSegloss: `", names[i], "` has too many dimensions");
     }
     views[i] = {inputs[i]->data(), dims[i].dims, dims[i].rank};
   }
@@ -61,7 +67,7 @@ inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool cha
   TF_RETURN_IF_ERROR(ToCoreDType(inputs[1]->dtype(), "labels", &p->labels_dtype));
   const std::string error = fused_segloss::ProblemFromOperands(
       views[0], views[1], views[2], views[3], channels_last, squared, p);
-  if (!error.empty()) return tensorflow::errors::InvalidArgument("FusedSegloss: ", error);
+  if (!error.empty()) return InvalidArgument("FusedSegloss: ", error);
   return absl::OkStatus();
 }
 

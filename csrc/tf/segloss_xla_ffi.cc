@@ -1,7 +1,9 @@
 // XLA typed-FFI handlers: the statistics kernel and its gradient inside XLA programs
 // (tf.function(jit_compile=True), Keras model.fit with XLA). Python reaches them through
 // XlaCallModule with a StableHLO custom_call (fused_segloss/_xla.py). They are thin
-// adapters from XLA buffers to the same framework-free core as the TF OpKernels.
+// adapters from XLA buffers to the same framework-free core as the TF OpKernels (CPU:
+// csrc/core/segloss_cpu.h; CUDA: csrc/cuda/segloss_cuda.h), so the statistics, the
+// gradient and their per-element math (csrc/core/segloss_math.h) are the ops' own.
 //
 // Operands, as the TF op takes them (the Python layer canonicalises them):
 //   logits     [B, *S, C] or [B, C, *S]; float32, float64, float16 or bfloat16
@@ -47,7 +49,7 @@ bool ToCoreDType(ffi::DataType dtype, DType* out) {
   }
 }
 
-// Returns "" or a message naming the argument (shared rules: core/segloss_problem.h).
+// Returns "" or a message naming the argument (shared rules: core/segloss_operands.h).
 std::string ProblemFromBuffers(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& labels,
                                const ffi::AnyBuffer& weights, const ffi::AnyBuffer& pos_weight,
                                bool channels_last, bool squared, bool check_numerics,

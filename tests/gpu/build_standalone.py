@@ -1,7 +1,7 @@
 """Builds the TF-free CUDA launcher library libfused_segloss_cuda.so with nvcc alone.
 
 No TensorFlow, no CMake: the .cu kernels of csrc/cuda, their C ABI (segloss_cuda_capi.cc)
-and the CPU core (csrc/core/segloss_cpu.cc, for comparisons on the same inputs), linked
+and the CPU core (csrc/core/*.cc, for comparisons on the same inputs), linked
 with a private static cudart. Used by check_gpu.py on GPU machines without TF; the main
 CMake build makes the same library (FUSED_SEGLOSS_CUDA=ON) from its own objects.
 
@@ -45,7 +45,7 @@ def visible_gpu_arch():
 
 def sources():
     cu = sorted(CUDA_DIR.glob("*.cu"))
-    cc = [CUDA_DIR / "segloss_cuda_capi.cc", CORE_DIR / "segloss_cpu.cc"]
+    cc = [CUDA_DIR / "segloss_cuda_capi.cc", *sorted(CORE_DIR.glob("*.cc"))]
     headers = sorted(CUDA_DIR.glob("*.h")) + sorted(CUDA_DIR.glob("*.cuh")) + sorted(CORE_DIR.glob("*.h"))
     return cu, cc, headers
 
