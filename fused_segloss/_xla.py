@@ -85,6 +85,9 @@ def _unavailable_reason():
     status = _loader.status()
     if not status.available:
         return f"the op library is unavailable: {status.reason}"
+    if status.build_info.get("xla_ffi") == "OFF":
+        return ("the op library was built without the XLA FFI handlers: this TensorFlow's "
+                "headers have no xla/ffi/api/ffi.h (TensorFlow 2.20 and newer have it)")
     if tf.config.list_physical_devices("GPU") and "CUDA" not in platforms():
         return ("a GPU is visible but the op library was built without CUDA, so there is no "
                 "GPU handler for the custom call")

@@ -359,10 +359,15 @@ def test_jit_falls_back_to_the_reference_when_unavailable(rng, monkeypatch, cust
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("failure", ["import", "self_check"])
+@pytest.mark.parametrize("failure", ["import", "self_check", "no_ffi_handlers"])
 def test_unavailable_private_api_warns_once_and_uses_the_reference(rng, monkeypatch, failure):
     if failure == "import":
         monkeypatch.setattr(_xla, "_IMPORT_ERROR", "ImportError: no module named ...")
+    elif failure == "no_ffi_handlers":  # a library built against a TF without xla/ffi headers
+        from fused_segloss import _loader
+
+        monkeypatch.setattr(_loader.status(), "build_info",
+                            dict(_loader.status().build_info, xla_ffi="OFF"))
     else:
         def broken_self_check():
             raise AttributeError("changed private API")
