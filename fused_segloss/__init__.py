@@ -13,11 +13,12 @@ from . import reference
 from ._columns import STAT_COLUMNS, Column
 from ._loader import FusedSeglossFallbackWarning
 from ._version import __version__
-from .combine import SegLossResult, combine
+from .combine import SegLossResult, check_overlap_with_squared, combine
 from .ops import fused_available, segloss_stats
 
 _STATS_OPTIONS = ("data_format", "squared", "implementation", "check_numerics")
-_COMBINE_OPTIONS = ("ce_weight", "dice_weight", "dice_mode", "smooth", "empty", "class_weights")
+_COMBINE_OPTIONS = ("ce_weight", "dice_weight", "dice_mode", "smooth", "empty", "class_weights",
+                    "overlap", "tversky_alpha", "tversky_beta")
 
 
 def seg_loss_result(logits, labels, weights=None, pos_weight=None, **options) -> SegLossResult:
@@ -27,14 +28,15 @@ def seg_loss_result(logits, labels, weights=None, pos_weight=None, **options) ->
       logits, labels, weights, pos_weight: as in `segloss_stats`.
       **options: the keywords of `segloss_stats` (data_format, squared, implementation,
         check_numerics) and of `combine` (ce_weight, dice_weight, dice_mode, smooth,
-        empty, class_weights).
+        empty, class_weights, overlap, tversky_alpha, tversky_beta).
 
     Returns:
       A `SegLossResult`: total, ce, dice_loss and the [C] vectors ce_per_class,
-      dice_per_class, iou_per_class, loss_per_class.
+      dice_per_class, iou_per_class, loss_per_class, overlap_per_class.
 
     Raises:
-      ValueError: an unknown option, or a bad value (see segloss_stats and combine).
+      ValueError: an unknown option, a bad value (see segloss_stats and combine), or
+        overlap="tversky" with squared=True.
 
     >>> import numpy as np, fused_segloss as fsl
     >>> logits = np.where(np.eye(3, dtype=bool)[None], 9.0, -9.0).astype(np.float32)
@@ -46,6 +48,7 @@ def seg_loss_result(logits, labels, weights=None, pos_weight=None, **options) ->
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)}; valid options are "
                          f"{list(_STATS_OPTIONS + _COMBINE_OPTIONS)}")
+    check_overlap_with_squared(options.get("overlap", "dice"), options.get("squared", False))
     stats = segloss_stats(logits, labels, weights, pos_weight,
                           **{k: v for k, v in options.items() if k in _STATS_OPTIONS})
     return combine(stats, **{k: v for k, v in options.items() if k in _COMBINE_OPTIONS})

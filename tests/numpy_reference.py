@@ -247,3 +247,67 @@ def combine_grad(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", sm
             grad[..., INTERSECTION] = factor * d_inter
             grad[..., PRED_SUM] = factor * d_pred
     return grad
+
+
+# ----------------------------------------------------------------------------------------
+# Overlap variants of the Dice term, written from their definitions with plain loops
+
+def overlap_index(i, p, z, smooth, overlap, alpha=0.5, beta=0.5):
+    """One class's index from its sums (1 where the denominator is 0)."""
+    if overlap == "dice":
+        numerator, denominator = 2 * i + smooth, p + z + smooth
+    elif overlap == "jaccard":
+        numerator, denominator = i + smooth, p + z - i + smooth
+    elif overlap == "tversky":
+        numerator, denominator = i + smooth, i + alpha * (p - i) + beta * (z - i) + smooth
+    else:
+        raise ValueError(overlap)
+    return numerator / denominator if denominator != 0 else 1.0
+
+
+def generalized_dice(sums, cw, smooth):
+    """GD of one set of per-class sums [C, 8] (Sudre et al. 2017, with MONAI's rule for
+    classes with no label: they take the largest weight of the others)."""
+    z = sums[:, LABEL_SUM]
+    v = [1.0 / zc ** 2 if zc > 0 else None for zc in z]
+    largest = max([x for x in v if x is not None], default=0.0)
+    w = np.array([largest if x is None else x for x in v]) * cw
+    numerator = 2 * np.sum(w * sums[:, INTERSECTION]) + smooth
+    denominator = np.sum(w * (sums[:, PRED_SUM] + z)) + smooth
+    return numerator / denominator if denominator != 0 else 1.0
+
+
+def overlap_loss(stats, *, overlap, dice_mode="batch", smooth=1e-5, empty="include",
+                 class_weights=None, alpha=0.5, beta=0.5):
+    """(the overlap term 1 − mean index or 1 − GD, the index per class [C]) in float64."""
+    s = _as_float64(stats)
+    classes = s.shape[1]
+    cw = np.ones(classes) if class_weights is None else _as_float64(class_weights)
+
+    def mean_loss(sums):  # one image (per_image) or the batch totals (batch): loss or None
+        if overlap == "generalized_dice":
+            return 1.0 - generalized_dice(sums, cw, smooth)
+        keep = [c for c in range(classes) if cw[c] > 0 and
+                (empty == "include" or sums[c, LABEL_SUM] > 0)]
+        if not keep:
+            return None
+        index = [overlap_index(*sums[c, [INTERSECTION, PRED_SUM, LABEL_SUM]], smooth, overlap,
+                               alpha, beta) for c in keep]
+        return 1.0 - np.sum(cw[keep] * index) / np.sum(cw[keep])
+
+    kind = "dice" if overlap == "generalized_dice" else overlap
+    totals = s.sum(axis=0)
+    batch_index = np.array([overlap_index(*totals[c, [INTERSECTION, PRED_SUM, LABEL_SUM]],
+                                          smooth, kind, alpha, beta) for c in range(classes)])
+    if dice_mode == "batch":
+        loss = mean_loss(totals)
+        return (0.0 if loss is None else loss), batch_index
+    losses = [mean_loss(image) for image in s]
+    losses = [x for x in losses if x is not None]
+    per_class = batch_index.copy()
+    for c in range(classes):
+        images = [b for b in range(s.shape[0]) if empty == "include" or s[b, c, LABEL_SUM] > 0]
+        if images:
+            per_class[c] = np.mean([overlap_index(*s[b, c, [INTERSECTION, PRED_SUM, LABEL_SUM]],
+                                                  smooth, kind, alpha, beta) for b in images])
+    return (float(np.mean(losses)) if losses else 0.0), per_class

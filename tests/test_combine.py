@@ -193,7 +193,7 @@ def test_seg_loss_result_fields(problem):
                                  dice_weight=1.3)
     assert isinstance(result, fsl.SegLossResult)
     assert result._fields == ("total", "ce", "dice_loss", "ce_per_class", "dice_per_class",
-                              "iou_per_class", "loss_per_class")
+                              "iou_per_class", "loss_per_class", "overlap_per_class")
     for name in ("total", "ce", "dice_loss"):
         value = getattr(result, name)
         assert value.shape == () and value.dtype == tf.float32, name

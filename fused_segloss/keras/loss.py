@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 
 from .. import _inputs
-from ..combine import check_options, class_weight_vector, combine
+from ..combine import check_options, check_overlap_with_squared, class_weight_vector, combine
 from ..ops import segloss_stats
 from . import _distribute
 from ._weights import sample_weight_to_weights
@@ -69,7 +69,8 @@ class SegLoss(keras.losses.Loss):
     `fused_segloss.combine`: first over pixels (and the batch) per class, then over classes.
 
     Args:
-      ce_weight, dice_weight, dice_mode, smooth, empty, class_weights: as in `combine`.
+      ce_weight, dice_weight, dice_mode, smooth, empty, class_weights, overlap,
+        tversky_alpha, tversky_beta: as in `combine`.
       pos_weight, data_format, squared, implementation: as in `segloss_stats`.
       reduction: "sum_over_batch_size" (default), "mean", "mean_with_sample_weight", "sum":
         all give the loss of the whole batch (it is already a mean: CE over weighted
@@ -95,20 +96,26 @@ class SegLoss(keras.losses.Loss):
     def __init__(self, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=1e-5,
                  empty="include", class_weights=None, pos_weight=None,
                  data_format="channels_last", squared=False, implementation="auto",
-                 reduction="sum_over_batch_size", name="seg_loss", dtype=None):
+                 reduction="sum_over_batch_size", name="seg_loss", dtype=None,
+                 overlap="dice", tversky_alpha=0.5, tversky_beta=0.5):
         if reduction not in REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        check_options(ce_weight, dice_weight, dice_mode, smooth, empty)
+        check_options(ce_weight, dice_weight, dice_mode, smooth, empty, overlap, tversky_alpha,
+                      tversky_beta)
         _inputs.check_choice("data_format", data_format, _inputs.DATA_FORMATS)
         _inputs.check_choice("implementation", implementation, _inputs.IMPLEMENTATIONS)
         if not isinstance(squared, bool):
             raise ValueError(f"`squared` must be a bool, got {squared!r}")
+        check_overlap_with_squared(overlap, squared)
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)
         self.dice_mode = dice_mode
         self.smooth = float(smooth)
         self.empty = empty
+        self.overlap = overlap
+        self.tversky_alpha = float(tversky_alpha)
+        self.tversky_beta = float(tversky_beta)
         self.class_weights = _inputs.float_tuple(class_weights, "class_weights")
         if self.class_weights is not None:
             class_weight_vector(self.class_weights, None)  # positive sum
@@ -129,7 +136,8 @@ class SegLoss(keras.losses.Loss):
     def combine_options(self):
         return dict(ce_weight=self.ce_weight, dice_weight=self.dice_weight,
                     dice_mode=self.dice_mode, smooth=self.smooth, empty=self.empty,
-                    class_weights=self.class_weights)
+                    class_weights=self.class_weights, overlap=self.overlap,
+                    tversky_alpha=self.tversky_alpha, tversky_beta=self.tversky_beta)
 
     def batch_stats(self, y_true, y_pred, sample_weight=None):
         """This replica's [B, C, 8] statistics (float32) with sample_weight mapped to weights."""
@@ -181,5 +189,7 @@ class SegLoss(keras.losses.Loss):
                       class_weights=None if self.class_weights is None else list(self.class_weights),
                       pos_weight=None if self.pos_weight is None else list(self.pos_weight),
                       data_format=self.data_format, squared=self.squared,
-                      implementation=self.implementation, dtype=self._explicit_dtype)
+                      implementation=self.implementation, dtype=self._explicit_dtype,
+                      overlap=self.overlap, tversky_alpha=self.tversky_alpha,
+                      tversky_beta=self.tversky_beta)
         return config
