@@ -16,7 +16,8 @@ from ._version import __version__
 from .combine import SegLossResult, check_overlap_with_squared, combine
 from .ops import fused_available, segloss_stats
 
-_STATS_OPTIONS = ("data_format", "squared", "implementation", "check_numerics")
+_STATS_OPTIONS = ("data_format", "squared", "implementation", "check_numerics",
+                  "focal_gamma", "focal_alpha")
 _COMBINE_OPTIONS = ("ce_weight", "dice_weight", "dice_mode", "smooth", "empty", "class_weights",
                     "overlap", "tversky_alpha", "tversky_beta")
 
@@ -27,7 +28,7 @@ def seg_loss_result(logits, labels, weights=None, pos_weight=None, **options) ->
     Args:
       logits, labels, weights, pos_weight: as in `segloss_stats`.
       **options: the keywords of `segloss_stats` (data_format, squared, implementation,
-        check_numerics) and of `combine` (ce_weight, dice_weight, dice_mode, smooth,
+        check_numerics, focal_gamma, focal_alpha) and of `combine` (ce_weight, dice_weight, dice_mode, smooth,
         empty, class_weights, overlap, tversky_alpha, tversky_beta).
 
     Returns:

@@ -33,6 +33,8 @@ class Prepared(NamedTuple):
     pos_weight: Optional[tf.Tensor]   # float32 [C]
     channels_last: bool
     squared: bool
+    focal_gamma: float = 0.0               # >= 0; 0 (with no alpha) is plain cross-entropy
+    focal_alpha: Optional[float] = None    # in [0, 1], or None
 
     @property
     def rank(self):
@@ -58,11 +60,45 @@ def _as_tensor(value, name):
         raise ValueError(f"`{name}` could not be converted to a tensor: {exc}") from None
 
 
+def check_focal(focal_gamma=0.0, focal_alpha=None):
+    """(gamma, alpha) as Python floats (alpha may be None); ValueError naming the argument."""
+    def number(value, name):
+        if isinstance(value, (bool, np.bool_, str, bytes)):
+            raise ValueError(f"`{name}` must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"`{name}` must be a number known when the loss is built, "
+                             f"got {value!r}") from None
+
+    gamma = number(focal_gamma, "focal_gamma")
+    if not (np.isfinite(gamma) and gamma >= 0.0):
+        raise ValueError(f"`focal_gamma` must be finite and >= 0, got {focal_gamma!r}")
+    if focal_alpha is None:
+        return gamma, None
+    alpha = number(focal_alpha, "focal_alpha")
+    if not 0.0 <= alpha <= 1.0:  # False for NaN too
+        raise ValueError(f"`focal_alpha` must be None or in [0, 1], got {focal_alpha!r}")
+    return gamma, alpha
+
+
+def focal_enabled(p: "Prepared"):
+    """Whether the cross-entropy column carries the focal factor."""
+    return p.focal_gamma != 0.0 or p.focal_alpha is not None
+
+
+def focal_attrs(p: "Prepared"):
+    """The kernels' focal attributes: focal_alpha < 0 means None (segloss_ops.cc)."""
+    return {"focal_gamma": p.focal_gamma,
+            "focal_alpha": -1.0 if p.focal_alpha is None else p.focal_alpha}
+
+
 def prepare(logits, labels, weights=None, pos_weight=None, data_format="channels_last",
-            squared=False):
+            squared=False, focal_gamma=0.0, focal_alpha=None):
     check_choice("data_format", data_format, DATA_FORMATS)
     if not isinstance(squared, bool):
         raise ValueError(f"`squared` must be a bool, got {squared!r}")
+    focal_gamma, focal_alpha = check_focal(focal_gamma, focal_alpha)
     logits = _as_tensor(logits, "logits")
     if logits.dtype not in LOGIT_DTYPES:
         raise ValueError(f"`logits` must have dtype {_names(LOGIT_DTYPES)}; got {logits.dtype.name}")
@@ -107,7 +143,8 @@ def prepare(logits, labels, weights=None, pos_weight=None, data_format="channels
         static = tf.get_static_value(pos_weight)
         if static is not None and not np.all(np.isfinite(static) & (static >= 0)):
             raise ValueError(f"`pos_weight` must be finite and >= 0, got {static.tolist()}")
-    return Prepared(logits, labels, weights, pos_weight, channels_last, squared)
+    return Prepared(logits, labels, weights, pos_weight, channels_last, squared, focal_gamma,
+                    focal_alpha)
 
 
 def float_tuple(values, name):

@@ -161,7 +161,7 @@ def _tensor_type(rank, element):
 
 @functools.lru_cache(maxsize=None)
 def _module(target, logits_type, labels_type, rank, channels_last, squared, weights_rank,
-            has_pos_weight, check_numerics, platform_names):
+            has_pos_weight, check_numerics, platform_names, focal_gamma=0.0, focal_alpha=-1.0):
     """Serialised StableHLO calling `target`; every dimension dynamic (shape-polymorphic).
 
     The result's shape is computed from the operands' sizes at run time and handed to
@@ -199,7 +199,9 @@ def _module(target, logits_type, labels_type, rank, channels_last, squared, weig
     call_args = ", ".join(f"%{name}" for name, _ in operands_in) + ", %shape"
     call_types = ", ".join(t for _, t in operands_in) + f", tensor<{n}xi32>"
     config = (f"channels_last = {str(channels_last).lower()}, "
-              f"squared = {str(squared).lower()}")
+              f"squared = {str(squared).lower()}, "
+              f"focal_gamma = {_f32_literal(focal_gamma)}, "
+              f"focal_alpha = {_f32_literal(focal_alpha)}")
     side_effect = ""
     if target == STATS_TARGET:
         config += f", check_numerics = {str(check_numerics).lower()}"
@@ -223,12 +225,19 @@ def _module(target, logits_type, labels_type, rank, channels_last, squared, weig
     return _stablehlo.serialize_portable_artifact_str(text, _stablehlo.get_current_version())
 
 
+def _f32_literal(value):
+    """An MLIR f32 attribute holding exactly float32(value) (its bits in hex)."""
+    return f"0x{int(np.float32(value).view(np.uint32)):08X} : f32"
+
+
 def _call(target, prepared, operands, out_dtype, out_shape, check_numerics=False):
     weights = operands[2]
+    focal = _inputs.focal_attrs(prepared)
     module = _module(target, _ELEMENT_TYPES[prepared.logits.dtype],
                      _ELEMENT_TYPES[prepared.labels.dtype], prepared.rank,
                      prepared.channels_last, prepared.squared, weights.shape.rank,
-                     prepared.pos_weight is not None, check_numerics, platforms())
+                     prepared.pos_weight is not None, check_numerics, platforms(),
+                     focal["focal_gamma"], focal["focal_alpha"])
     (result,) = _tfxla.call_module(
         list(operands), version=_tfxla.call_module_maximum_supported_version(),
         module=module, Tout=[out_dtype], Sout=[out_shape], platforms=list(platforms()))

@@ -53,14 +53,16 @@ def _choose_path(implementation):
 
 def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
                   data_format="channels_last", squared=False, implementation="auto",
-                  check_numerics=False):
+                  check_numerics=False, focal_gamma=0.0, focal_alpha=None):
     """Per-image, per-class sums [B, C, 8] in one pass over the data.
 
     Formula (per element, p = sigmoid(x), k = 2 if `squared` else 1,
-    ce = pos_weight[c]·z·softplus(-x) + (1 - z)·softplus(x)); each column sums over the
+    ce = pos_weight[c]·z·softplus(-x) + (1 - z)·softplus(x), and the focal factor
+    f = a_t·(1 - p_t)^γ with p_t = z·p + (1 - z)·(1 - p), a_t = z·α + (1 - z)·(1 - α)
+    (a_t = 1 when `focal_alpha` is None; f = 1 by default)); each column sums over the
     spatial positions of one image and class:
 
-        ce_sum = Σ w·ce     weight_sum = Σ w     intersection = Σ w·p·z
+        ce_sum = Σ w·f·ce   weight_sum = Σ w     intersection = Σ w·p·z
         pred_sum = Σ w·p^k  label_sum = Σ w·z^k
         hard_tp = Σ w·[x > 0]·[z ≥ 0.5]   hard_pred = Σ w·[x > 0]   hard_label = Σ w·[z ≥ 0.5]
 
@@ -77,6 +79,11 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
         library), "fused" (error without the library) or "reference".
       check_numerics: raise InvalidArgumentError on NaN/Inf logits instead of
         propagating them.
+      focal_gamma: γ >= 0 (finite), the focal focusing exponent of ce_sum; 0 with
+        `focal_alpha` None is the plain cross-entropy. With no weights and pos_weight this
+        is Keras' BinaryFocalCrossentropy(from_logits=True, gamma=γ) per element.
+      focal_alpha: None, or α in [0, 1]: the class-balancing weight a_t of ce_sum (Keras'
+        apply_class_balancing=True, alpha=α).
 
     Returns:
       float32 [B, C, 8]; columns in the order of `fused_segloss.STAT_COLUMNS`.
@@ -94,7 +101,8 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
     array([[2.773, 4.   , 2.   , 2.   , 4.   ],
            [2.773, 4.   , 0.   , 2.   , 0.   ]], dtype=float32)
     """
-    p = _inputs.prepare(logits, labels, weights, pos_weight, data_format, squared)
+    p = _inputs.prepare(logits, labels, weights, pos_weight, data_format, squared,
+                        focal_gamma, focal_alpha)
     if not isinstance(check_numerics, bool):
         raise ValueError(f"`check_numerics` must be a bool, got {check_numerics!r}")
     path = _choose_path(implementation)
@@ -107,7 +115,7 @@ def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
         return reference.stats_from_prepared(p)
     return library().fused_segloss_stats(
         p.logits, p.labels, _inputs.canonical_weights(p), _inputs.pos_weight_or_empty(p),
-        data_format=p.data_format, squared=p.squared)
+        data_format=p.data_format, squared=p.squared, **_inputs.focal_attrs(p))
 
 
 @tf.RegisterGradient(_OP_TYPE)
@@ -116,7 +124,8 @@ def _stats_grad(op, grad_stats):
     logits, labels, weights, pos_weight = op.inputs
     grad_logits = library().fused_segloss_stats_grad(
         logits, labels, weights, pos_weight, grad_stats,
-        data_format=op.get_attr("data_format"), squared=op.get_attr("squared"))
+        data_format=op.get_attr("data_format"), squared=op.get_attr("squared"),
+        focal_gamma=op.get_attr("focal_gamma"), focal_alpha=op.get_attr("focal_alpha"))
     return [grad_logits, None, None, None]
 
 

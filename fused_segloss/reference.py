@@ -38,10 +38,26 @@ def check_values(p):
 
 
 def segloss_stats(logits, labels, weights=None, pos_weight=None, *,
-                  data_format="channels_last", squared=False, validate=True):
+                  data_format="channels_last", squared=False, validate=True,
+                  focal_gamma=0.0, focal_alpha=None):
     """[B, C, 8] float32 statistics computed with plain TF ops."""
-    p = _inputs.prepare(logits, labels, weights, pos_weight, data_format, squared)
+    p = _inputs.prepare(logits, labels, weights, pos_weight, data_format, squared,
+                        focal_gamma, focal_alpha)
     return stats_from_prepared(p, validate=validate)
+
+
+def focal_factor(x, z, gamma, alpha):
+    """a_t·(1 - p_t)^gamma, p_t = z·p + (1 - z)·(1 - p), a_t = z·alpha + (1 - z)·(1 - alpha).
+
+    log(1 - p_t) = log(z·sigmoid(-x) + (1 - z)·sigmoid(x)) as a log-sum-exp of log-sigmoids:
+    finite, with a finite autodiff gradient, for any logit and label (1 - p_t -> 0 included).
+    """
+    terms = tf.stack([tf.math.log(z) + tf.math.log_sigmoid(-x),
+                      tf.math.log(1.0 - z) + tf.math.log_sigmoid(x)], axis=0)
+    factor = tf.exp(gamma * tf.reduce_logsumexp(terms, axis=0))
+    if alpha is not None:
+        factor = (z * alpha + (1.0 - z) * (1.0 - alpha)) * factor
+    return factor
 
 
 def stats_from_prepared(p: "_inputs.Prepared", validate=True):
@@ -59,6 +75,8 @@ def stats_from_prepared(p: "_inputs.Prepared", validate=True):
 
     prob = tf.sigmoid(x)
     ce = pw * z * tf.nn.softplus(-x) + (1.0 - z) * tf.nn.softplus(x)
+    if _inputs.focal_enabled(p):
+        ce = focal_factor(x, z, p.focal_gamma, p.focal_alpha) * ce
     k = 2.0 if p.squared else 1.0
     pred_hard = tf.stop_gradient(tf.cast(x > 0, compute))
     label_hard = tf.cast(z >= 0.5, compute)

@@ -69,13 +69,28 @@ def _elements(logits, labels, weights, pos_weight, data_format):
 # ----------------------------------------------------------------------------------------
 # §2.1 statistics and §2.2 gradient
 
+def _focal_parts(x, z, focal_gamma, focal_alpha):
+    """a_t·(1 - p_t)^gamma and r = p(1 - p)/(1 - p_t) (its limit where 1 - p_t is 0)."""
+    p, one_minus_p = sigmoid(x), sigmoid(-x)
+    one_minus_pt = z * one_minus_p + (1.0 - z) * p
+    a_t = 1.0 if focal_alpha is None else z * focal_alpha + (1.0 - z) * (1.0 - focal_alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(one_minus_pt > 0, p * one_minus_p / one_minus_pt,
+                         np.where(x >= 0, p, one_minus_p))
+    return a_t * one_minus_pt ** focal_gamma, ratio
+
+
 def stats(logits, labels, weights=None, pos_weight=None, data_format="channels_last",
-          squared=False):
-    """[B, C, 8] float64: per image and class, sums over the spatial positions."""
+          squared=False, focal_gamma=0.0, focal_alpha=None):
+    """[B, C, 8] float64: per image and class, sums over the spatial positions.
+
+    focal_gamma / focal_alpha: the focal factor a_t·(1 - p_t)^gamma of the ce_sum terms."""
     x, z, w, pw = _elements(logits, labels, weights, pos_weight, data_format)
     k = 2.0 if squared else 1.0
     p = sigmoid(x)
     ce = pw * z * softplus(-x) + (1.0 - z) * softplus(x)
+    if focal_gamma != 0.0 or focal_alpha is not None:
+        ce = _focal_parts(x, z, focal_gamma, focal_alpha)[0] * ce
     pred_hard = (x > 0).astype(np.float64)
     label_hard = (z >= 0.5).astype(np.float64)
     columns = [w * ce, w, w * p * z, w * p ** k, w * z ** k,
@@ -83,7 +98,8 @@ def stats(logits, labels, weights=None, pos_weight=None, data_format="channels_l
     return np.stack([c.sum(axis=1) for c in columns], axis=-1)
 
 
-def _gradient_terms(logits, labels, weights, pos_weight, grad_stats, data_format, squared):
+def _gradient_terms(logits, labels, weights, pos_weight, grad_stats, data_format, squared,
+                    focal_gamma=0.0, focal_alpha=None):
     """The terms of dL/dx, weight applied, each [B, N, C]:
     (CE term, intersection term, pred_sum term, |CE term| with both parts of ce' taken
     in magnitude)."""
@@ -95,6 +111,13 @@ def _gradient_terms(logits, labels, weights, pos_weight, grad_stats, data_format
     ce_grad = (1.0 - z) * p - pw * z * one_minus_p
     ce_grad_magnitude = (1.0 - z) * p + pw * z * one_minus_p
     pred_grad = 2.0 * p * p_1mp if squared else p_1mp
+    if focal_gamma != 0.0 or focal_alpha is not None:
+        # d[a_t·(1 - p_t)^g·ce] = a_t·(1 - p_t)^g·(ce' - g·(2z - 1)·r·ce)
+        factor, ratio = _focal_parts(x, z, focal_gamma, focal_alpha)
+        ce = pw * z * softplus(-x) + (1.0 - z) * softplus(x)
+        focal_term = focal_gamma * (2.0 * z - 1.0) * ratio * ce
+        ce_grad = factor * (ce_grad - focal_term)
+        ce_grad_magnitude = factor * (ce_grad_magnitude + np.abs(focal_term))
     return (w * g_ce * ce_grad, w * g_inter * z * p_1mp, w * g_pred * pred_grad,
             w * np.abs(g_ce) * ce_grad_magnitude)
 
@@ -106,24 +129,26 @@ def _restore(flat, logits, data_format):
 
 
 def logit_grad(logits, labels, weights=None, pos_weight=None, grad_stats=None,
-               data_format="channels_last", squared=False):
+               data_format="channels_last", squared=False, focal_gamma=0.0, focal_alpha=None):
     """dL/dlogits (float64, logits' shape) for upstream grad_stats = dL/dstats [B, C, 8].
 
     Only columns 0 (ce_sum), 2 (intersection) and 3 (pred_sum) depend on the logits
     differentiably; the other columns contribute nothing.
     """
     ce, inter, pred, _ = _gradient_terms(logits, labels, weights, pos_weight, grad_stats,
-                                         data_format, squared)
+                                         data_format, squared, focal_gamma, focal_alpha)
     return _restore(ce + inter + pred, logits, data_format)
 
 
 def logit_grad_scale(logits, labels, weights=None, pos_weight=None, grad_stats=None,
-                     data_format="channels_last", squared=False):
+                     data_format="channels_last", squared=False, focal_gamma=0.0,
+                     focal_alpha=None):
     """Per element, the sum of the magnitudes of what dL/dx adds up (both parts of ce'
     taken in magnitude): a relative tolerance on it covers cancellation (e.g. soft labels
     where ce' ~ 0) without hiding errors in the large terms."""
     _, inter, pred, ce_magnitude = _gradient_terms(logits, labels, weights, pos_weight,
-                                                   grad_stats, data_format, squared)
+                                                   grad_stats, data_format, squared,
+                                                   focal_gamma, focal_alpha)
     return _restore(ce_magnitude + np.abs(inter) + np.abs(pred), logits, data_format)
 
 

@@ -69,6 +69,31 @@ def test_every_lane_geometry_matches_numpy(classes, channels_last, check):
                        "float32", what=f"gradient {what}")
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["last", "first"])
+@pytest.mark.parametrize("classes", [1, 3, 7, 16, 17, 33, 129])
+def test_focal_variant_lane_geometry_matches_numpy(classes, channels_last, check):
+    """The focal kernels are instantiations of their own: the same geometry checks."""
+    rng = np.random.default_rng(classes * 2 + channels_last + 1000)
+    fmt = "channels_last" if channels_last else "channels_first"
+    for positions in (1, 37, 1000):
+        for weights, pos_weight, alpha in ((None, False, None), ("full", True, 0.25)):
+            x, z, w, pw = make_case(rng, positions, classes, channels_last, weights)
+            pw = pw if pos_weight else None
+            w_full = None if w is None else np.broadcast_to(w, x.shape)
+            focal = dict(focal_gamma=0.5, focal_alpha=alpha)
+            kernel_focal = dict(focal_gamma=0.5, focal_alpha=-1.0 if alpha is None else alpha)
+            what = f"N={positions} weights={weights}"
+            stats = core.stats(x, z, w, pw, channels_last=channels_last, **kernel_focal)
+            expected = ref.stats(x, z, w_full, pw, fmt, **focal)
+            check.stats(stats, expected, "float32", what=f"stats {what}")
+            grad_stats = rng.normal(0.0, 1.0, (2, classes, 8)).astype(np.float32)
+            grad = core.logit_grad(x, z, w, pw, grad_stats, channels_last=channels_last,
+                                   **kernel_focal)
+            check.grad(grad, ref.logit_grad(x, z, w_full, pw, grad_stats, fmt, **focal),
+                       ref.logit_grad_scale(x, z, w_full, pw, grad_stats, fmt, **focal),
+                       "float32", what=f"gradient {what}")
+
+
 @pytest.mark.parametrize("classes", [3, 17])
 def test_invalid_labels_counted_once_in_partial_vectors(classes):
     """A bad label in a padded vector position is reported with the exact count."""

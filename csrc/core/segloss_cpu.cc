@@ -81,6 +81,14 @@ std::string ValidateProblem(const SeglossProblem& p) {
              " does not broadcast to the logits' " + std::to_string(full[i]);
     }
   }
+  // Written so that NaN fails too (the Python layer checks these first).
+  if (!(p.focal.gamma >= 0.0f && p.focal.gamma <= 3.0e38f)) {
+    return "`focal_gamma` must be finite and >= 0, got " + std::to_string(p.focal.gamma);
+  }
+  if (!(p.focal.alpha <= 1.0f)) {
+    return "`focal_alpha` must lie in [0, 1] (negative: none), got " +
+           std::to_string(p.focal.alpha);
+  }
   return "";
 }
 

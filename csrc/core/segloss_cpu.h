@@ -36,6 +36,8 @@ struct SeglossProblem {
   int64_t weights_batch = 1, weights_positions = 1, weights_classes = 1;
   const float* pos_weight = nullptr;  // optional [C]
   bool squared = false;
+  // The focal modulation of ce_sum (segloss_focal_math.h); the default is plain ce.
+  FocalOptions focal;
   // Raise on NaN/Inf logits (counted during the forward pass) instead of propagating.
   bool check_numerics = false;
 };

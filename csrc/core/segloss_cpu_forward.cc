@@ -59,16 +59,17 @@ struct Contribution {
 // ExpOfNegativeAbs of this vector's logits, computed earlier (the pipeline in
 // AccumulateBlock); else it is computed here.
 template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename LogitT,
-          typename LabelT, typename PosWeight>
+          typename LabelT, typename PosWeight, typename Focal>
 FSL_HD void ElementTerms(const LogitT* x, const LabelT* z, const float* w,
-                         PosWeight pos_weight, int lanes, Contribution<Vec>& out,
+                         PosWeight pos_weight, Focal focal, int lanes, Contribution<Vec>& out,
                          const Vec* exp_ahead = nullptr) {
   const Vec zero(0.0f);
   constexpr bool kDefer = kLogDeferred<Vec, kWeighted, PosWeight>;
   const ElementInputs<Vec> in = LoadInputs<Vec, kWeighted, kPartial>(x, z, w, lanes);
   const Vec e = exp_ahead ? *exp_ahead : ExpOfNegativeAbs(in.x);
-  ForwardTermsGivenExp<Vec, kSquared, PosWeight, kDefer>(in.x, e, in.z, in.w, pos_weight,
-                                                         out.terms, &out.e);
+  ForwardTermsGivenExp<Vec, kSquared, PosWeight, kDefer, Focal>(in.x, e, in.z, in.w,
+                                                                pos_weight, out.terms, &out.e,
+                                                                focal);
   const auto pred_hard = PredictedPositive(in.x), label_hard = LabelPositive(in.z);
   out.w = in.w;
   out.hard_tp = pred_hard & label_hard;
@@ -90,11 +91,12 @@ FSL_HD void ElementTerms(const LogitT* x, const LabelT* z, const float* w,
 // instantiation holds one inlined copy of the per-element math for full vectors and one
 // call for the rare partial ones (code size and build time, notably under sanitizers).
 template <typename Vec, bool kSquared, bool kWeighted, typename LogitT, typename LabelT,
-          typename PosWeight>
+          typename PosWeight, typename Focal>
 __attribute__((noinline)) void PartialElementTerms(const LogitT* x, const LabelT* z,
                                                    const float* w, PosWeight pos_weight,
-                                                   int lanes, Contribution<Vec>& out) {
-  ElementTerms<Vec, kSquared, kWeighted, true>(x, z, w, pos_weight, lanes, out);
+                                                   Focal focal, int lanes,
+                                                   Contribution<Vec>& out) {
+  ElementTerms<Vec, kSquared, kWeighted, true>(x, z, w, pos_weight, focal, lanes, out);
 }
 
 // Adds one vector's contribution to its row position's accumulators. Labels outside
@@ -129,12 +131,14 @@ int64_t CountInvalidLabels(const LabelT* z, int64_t count) {
 // accumulators `acc` ([vectors][kAccumulatorSlots], in L1). Full vectors are inlined; row
 // ends go through the out-of-line partial function, in a separate statement so that the
 // inlined terms never have their address taken (which would keep them on the stack).
-template <typename Compute, bool kSquared, bool kWeighted, bool kPosWeighted, typename LogitT,
-          typename LabelT>
+template <typename Compute, bool kSquared, bool kWeighted, bool kPosWeighted, bool kFocal,
+          typename LogitT, typename LabelT>
 int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_t count,
                         const RowGeometry& g, const Compute* pos_weight_lanes,
+                        const FocalOptions& focal_options,
                         typename Lanes<Compute, kForwardParts>::Vec* acc, double* lane_sums) {
   using Vec = typename Lanes<Compute, kForwardParts>::Vec;
+  const auto focal = FocalFor<Vec, kFocal>(focal_options);
   constexpr int kWidth = Lanes<Compute, kForwardParts>::kWidth;
   using PosWeight = std::conditional_t<kPosWeighted, Vec, UnitPosWeight>;
   constexpr bool kDefer = kLogDeferred<Vec, kWeighted, PosWeight>;
@@ -153,7 +157,7 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
   auto partial = [&](int64_t i, int64_t v, int lanes) {
     Contribution<Vec> c;
     PartialElementTerms<Vec, kSquared, kWeighted>(x + i, z + i, WeightsAt<kWeighted>(w, i),
-                                                  pos_weight_at(v), lanes, c);
+                                                  pos_weight_at(v), focal, lanes, c);
     AddTerms<Vec, kWeighted, kDefer>(acc + v * kAccumulatorSlots, c, any_invalid);
   };
   const int64_t full_rows = count / g.period, rest = count % g.period;
@@ -174,7 +178,8 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
     PrefetchInputs<kWidth, kWeighted>(x + i, z + i, WeightsAt<kWeighted>(w, i));
     Contribution<Vec> c;
     ElementTerms<Vec, kSquared, kWeighted, false>(x + i, z + i, WeightsAt<kWeighted>(w, i),
-                                                  pos_weight_at(v), kWidth, c, &exp_ahead);
+                                                  pos_weight_at(v), focal, kWidth, c,
+                                                  &exp_ahead);
     AddTerms<Vec, kWeighted, kDefer>(acc + v * kAccumulatorSlots, c, any_invalid);
     if (row_ends) {
       if (tail_lanes > 0) partial(i + kWidth, full_vectors, tail_lanes);
@@ -223,7 +228,8 @@ std::string CountsError(const Counts& counts) {
   return InvalidValuesMessage(counts.invalid_labels, counts.invalid_weights);
 }
 
-template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted, bool kPosWeighted>
+template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted, bool kPosWeighted,
+          bool kFocal = false>
 std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, float* stats) {
   using Compute = typename ComputeTypeOf<LogitT>::type;
   const ProblemShape& s = p.shape;
@@ -265,8 +271,9 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
           counts.invalid_weights += invalid;
         }
         if (p.check_numerics) counts.nonfinite_logits += CountNonFinite(x, n);
-        counts.invalid_labels += AccumulateBlock<Compute, kSquared, kWeighted, kPosWeighted>(
-            x, z, w, n, geo, pos_weight.data(), acc.data(), lane_sums.data());
+        counts.invalid_labels +=
+            AccumulateBlock<Compute, kSquared, kWeighted, kPosWeighted, kFocal>(
+                x, z, w, n, geo, pos_weight.data(), p.focal, acc.data(), lane_sums.data());
       }
       // Lanes -> the item's classes, C lanes at a time (the period is a multiple of C
       // for channels_last; channels_first has one class per item), each class's lanes
@@ -324,7 +331,13 @@ std::string StatsForTypes(const SeglossProblem& p, const ParallelFor& parallel_f
   // build time.
   constexpr bool kShortCrossEntropy =
       !std::is_same_v<typename ComputeTypeOf<LogitT>::type, double>;
+  // The focal variant (its own instantiation, so that the plain one is untouched) always
+  // takes the pos_weight lanes (ones without pos_weight) and the per-element log.
   return WithVariant(p, [&](auto squared, auto weighted) {
+    if (FocalEnabled(p.focal)) {
+      return StatsImpl<LogitT, LabelT, squared.value, weighted.value, true, true>(
+          p, parallel_for, stats);
+    }
     if constexpr (kShortCrossEntropy) {
       if (p.pos_weight == nullptr) {
         return StatsImpl<LogitT, LabelT, squared.value, weighted.value, false>(p, parallel_for,

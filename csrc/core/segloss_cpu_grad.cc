@@ -36,15 +36,15 @@ FSL_HD GradientPattern<Vec> LoadPattern(const Compute* pattern_lanes, int64_t pa
 // Gradient of one vector of a row. `exp_ahead`, when given, is ExpOfNegativeAbs of this
 // vector's logits, computed earlier (the pipeline in GradientBlock).
 template <typename Vec, bool kSquared, bool kWeighted, bool kPartial, typename LogitT,
-          typename LabelT>
+          typename LabelT, typename Focal>
 FSL_HD void GradientElements(const LogitT* x, const LabelT* z, const float* w,
-                             const GradientPattern<Vec>& pattern, int lanes, LogitT* out,
-                             const Vec* exp_ahead = nullptr) {
+                             const GradientPattern<Vec>& pattern, Focal focal, int lanes,
+                             LogitT* out, const Vec* exp_ahead = nullptr) {
   const ElementInputs<Vec> in = LoadInputs<Vec, kWeighted, kPartial>(x, z, w, lanes);
   const Vec e = exp_ahead ? *exp_ahead : ExpOfNegativeAbs(in.x);
-  const Vec g = LogitGradientGivenExp<Vec, kSquared>(in.x, e, in.z, in.w, pattern.pos_weight,
-                                                     pattern.g_ce, pattern.g_inter,
-                                                     pattern.g_pred);
+  const Vec g = LogitGradientGivenExp<Vec, kSquared, Focal>(
+      in.x, e, in.z, in.w, pattern.pos_weight, pattern.g_ce, pattern.g_inter, pattern.g_pred,
+      focal);
   if constexpr (kPartial) {
     StorePartial(g, out, lanes);
   } else {
@@ -56,21 +56,24 @@ FSL_HD void GradientElements(const LogitT* x, const LabelT* z, const float* w,
 // of the per-element math for full vectors. It loads its own pattern: passing the full
 // vectors' pattern by address would force the compiler to keep that pattern on the stack.
 template <typename Vec, bool kSquared, bool kWeighted, typename Compute, typename LogitT,
-          typename LabelT>
+          typename LabelT, typename Focal>
 __attribute__((noinline)) void PartialGradientElements(const LogitT* x, const LabelT* z,
                                                        const float* w,
                                                        const Compute* pattern_lanes,
                                                        int64_t padded, int64_t lane0,
-                                                       int lanes, LogitT* out) {
+                                                       Focal focal, int lanes, LogitT* out) {
   GradientElements<Vec, kSquared, kWeighted, true>(
-      x, z, w, LoadPattern<Vec>(pattern_lanes, padded, lane0), lanes, out);
+      x, z, w, LoadPattern<Vec>(pattern_lanes, padded, lane0), focal, lanes, out);
 }
 
 // The gradient of one block (whole rows; the last may be short), rows in memory order.
-template <typename Compute, bool kSquared, bool kWeighted, typename LogitT, typename LabelT>
+template <typename Compute, bool kSquared, bool kWeighted, bool kFocal, typename LogitT,
+          typename LabelT>
 void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t count,
-                   const RowGeometry& g, const Compute* pattern_lanes, LogitT* out) {
+                   const RowGeometry& g, const Compute* pattern_lanes,
+                   const FocalOptions& focal_options, LogitT* out) {
   using Vec = typename Lanes<Compute, kGradientParts>::Vec;
+  const auto focal = FocalFor<Vec, kFocal>(focal_options);
   constexpr int kWidth = Lanes<Compute, kGradientParts>::kWidth;
   const int64_t full_vectors = g.period / kWidth;
   const int tail_lanes = static_cast<int>(g.period % kWidth);
@@ -90,12 +93,13 @@ void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t cou
     PrefetchAhead<kWidth>(out + i, /*for_write=*/true);
     GradientElements<Vec, kSquared, kWeighted, false>(
         x + i, z + i, WeightsAt<kWeighted>(w, i),
-        LoadPattern<Vec>(pattern_lanes, g.padded, v * kWidth), kWidth, out + i, &exp_ahead);
+        LoadPattern<Vec>(pattern_lanes, g.padded, v * kWidth), focal, kWidth, out + i,
+        &exp_ahead);
     if (row_ends) {
       if (tail_lanes > 0) {
         PartialGradientElements<Vec, kSquared, kWeighted>(
             x + i + kWidth, z + i + kWidth, WeightsAt<kWeighted>(w, i + kWidth), pattern_lanes,
-            g.padded, full_vectors * kWidth, tail_lanes, out + i + kWidth);
+            g.padded, full_vectors * kWidth, focal, tail_lanes, out + i + kWidth);
       }
       v = 0;
     } else {
@@ -115,17 +119,17 @@ void GradientBlock(const LogitT* x, const LabelT* z, const float* w, int64_t cou
         PrefetchAhead<kWidth>(out + i, /*for_write=*/true);
         GradientElements<Vec, kSquared, kWeighted, false>(
             x + i, z + i, WeightsAt<kWeighted>(w, i),
-            LoadPattern<Vec>(pattern_lanes, g.padded, lane0), kWidth, out + i);
+            LoadPattern<Vec>(pattern_lanes, g.padded, lane0), focal, kWidth, out + i);
       } else {
         PartialGradientElements<Vec, kSquared, kWeighted>(
-            x + i, z + i, WeightsAt<kWeighted>(w, i), pattern_lanes, g.padded, lane0,
+            x + i, z + i, WeightsAt<kWeighted>(w, i), pattern_lanes, g.padded, lane0, focal,
             static_cast<int>(row_count - lane0), out + i);
       }
     }
   }
 }
 
-template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted>
+template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted, bool kFocal>
 std::string GradImpl(const SeglossProblem& p, const float* grad_stats,
                      const ParallelFor& parallel_for, void* grad_out) {
   using Compute = typename ComputeTypeOf<LogitT>::type;
@@ -160,8 +164,9 @@ std::string GradImpl(const SeglossProblem& p, const float* grad_stats,
           w = BlockWeights(p, strides, item, offset, n, w_buf.data(), /*invalid=*/nullptr);
         }
         const int64_t at = span.base + offset;
-        GradientBlock<Compute, kSquared, kWeighted>(logits + at, labels + at, w, n, geo,
-                                                    pattern.data(), out + at);
+        GradientBlock<Compute, kSquared, kWeighted, kFocal>(logits + at, labels + at, w, n,
+                                                            geo, pattern.data(), p.focal,
+                                                            out + at);
       }
     }
   };
@@ -175,9 +180,14 @@ std::string GradImpl(const SeglossProblem& p, const float* grad_stats,
 template <typename LogitT, typename LabelT>
 std::string LogitGradForTypes(const SeglossProblem& p, const float* grad_stats,
                               const ParallelFor& parallel_for, void* grad_out) {
+  // The focal variant is an instantiation of its own: the plain one stays as it was.
   return WithVariant(p, [&](auto squared, auto weighted) {
-    return GradImpl<LogitT, LabelT, squared.value, weighted.value>(p, grad_stats, parallel_for,
-                                                                   grad_out);
+    if (FocalEnabled(p.focal)) {
+      return GradImpl<LogitT, LabelT, squared.value, weighted.value, true>(
+          p, grad_stats, parallel_for, grad_out);
+    }
+    return GradImpl<LogitT, LabelT, squared.value, weighted.value, false>(
+        p, grad_stats, parallel_for, grad_out);
   });
 }
 

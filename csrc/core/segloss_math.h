@@ -24,6 +24,8 @@
 //   dL/dx = w·(g_ce·ce' + g_inter·z·p(1-p) + g_pred·k·p^(k-1)·p(1-p))
 // with g_ce, g_inter, g_pred the upstream gradients of ce_sum, intersection and pred_sum
 // (the other columns do not depend on x, or only through a step function).
+// With the focal options (gamma, alpha) the ce_sum term is w·a_t·(1-p_t)^gamma·ce and
+// ce' becomes its derivative (segloss_focal_math.h); every other column is unchanged.
 #pragma once
 
 #include <cstdint>
@@ -221,6 +223,11 @@ template <typename T>
 FSL_HD SigmoidParts<T> ComputeSigmoidParts(T x) {
   return ComputeSigmoidParts(x, ExpOfNegativeAbs(x));
 }
+}  // namespace fused_segloss
+
+#include "segloss_focal_math.h"  // the focal factor of ce_sum (uses the primitives above)
+
+namespace fused_segloss {
 
 // The pos_weight of a call that gave none (every class 1), as a type: the CPU forward pass
 // is instantiated for it and takes the short cross-entropy below.
@@ -262,9 +269,12 @@ FSL_HD auto LabelPositive(T z) { return z >= T(0.5f); }
 // (the class's pos_weight) or UnitPosWeight. kLogDeferred (UnitPosWeight and w = 1 only):
 // out[kCeSum] leaves out the log term log1p(e), and *deferred_e gets e, for the caller to
 // sum as Log1pProductStep runs. e = ExpOfNegativeAbs(x) (ForwardTerms below computes it).
-template <typename T, bool kSquared, typename PosWeight, bool kLogDeferred = false>
+// Focal is NoFocal (plain ce) or FocalParams<T> (ce times segloss_focal_math.h's factor).
+template <typename T, bool kSquared, typename PosWeight, bool kLogDeferred = false,
+          typename Focal = NoFocal>
 FSL_HD void ForwardTermsGivenExp(T x, T e, T z, T w, PosWeight pos_weight,
-                                 T out[kNumStats], T* deferred_e = nullptr) {
+                                 T out[kNumStats], T* deferred_e = nullptr,
+                                 Focal focal = Focal{}) {
   const SigmoidParts<T> s = ComputeSigmoidParts(x, e);
   const T zero(0);
   T ce;
@@ -273,7 +283,12 @@ FSL_HD void ForwardTermsGivenExp(T x, T e, T z, T w, PosWeight pos_weight,
     ce = CrossEntropyExceptLog(x, z, Max(x, zero));
     *deferred_e = s.e;
   } else {
-    ce = CrossEntropy(x, z, pos_weight, Max(x, zero), Log1pUnit(s.e));
+    const T log_term = Log1pUnit(s.e);
+    ce = CrossEntropy(x, z, pos_weight, Max(x, zero), log_term);
+    if constexpr (!std::is_same_v<Focal, NoFocal>) {
+      static_assert(!kLogDeferred, "the focal factor needs the whole ce");
+      ce = ComputeFocalParts(x, z, s, log_term, focal).factor * ce;
+    }
   }
   const auto pred_hard = PredictedPositive(x);
   const auto label_hard = LabelPositive(z);
@@ -288,11 +303,12 @@ FSL_HD void ForwardTermsGivenExp(T x, T e, T z, T w, PosWeight pos_weight,
   out[kHardLabel] = Select(label_hard, w, zero);
 }
 
-template <typename T, bool kSquared, typename PosWeight, bool kLogDeferred = false>
+template <typename T, bool kSquared, typename PosWeight, bool kLogDeferred = false,
+          typename Focal = NoFocal>
 FSL_HD void ForwardTerms(T x, T z, T w, PosWeight pos_weight, T out[kNumStats],
-                         T* deferred_e = nullptr) {
-  ForwardTermsGivenExp<T, kSquared, PosWeight, kLogDeferred>(x, ExpOfNegativeAbs(x), z, w,
-                                                             pos_weight, out, deferred_e);
+                         T* deferred_e = nullptr, Focal focal = Focal{}) {
+  ForwardTermsGivenExp<T, kSquared, PosWeight, kLogDeferred, Focal>(
+      x, ExpOfNegativeAbs(x), z, w, pos_weight, out, deferred_e, focal);
 }
 
 // dL/dx of one element given the upstream gradients of the differentiable columns
@@ -300,20 +316,27 @@ FSL_HD void ForwardTerms(T x, T z, T w, PosWeight pos_weight, T out[kNumStats],
 //   d(w·ce)/dx      = w·ce'
 //   d(w·p·z)/dx     = w·z·p(1-p)
 //   d(w·p^k)/dx     = w·k·p^(k-1)·p(1-p)
-// e = ExpOfNegativeAbs(x) (LogitGradient below computes it).
-template <typename T, bool kSquared>
+// e = ExpOfNegativeAbs(x) (LogitGradient below computes it). With FocalParams, w·ce' is
+// the focal cross-entropy's (segloss_focal_math.h).
+template <typename T, bool kSquared, typename Focal = NoFocal>
 FSL_HD T LogitGradientGivenExp(T x, T e, T z, T w, T pos_weight, T g_ce, T g_inter,
-                               T g_pred) {
+                               T g_pred, Focal focal = Focal{}) {
   const SigmoidParts<T> s = ComputeSigmoidParts(x, e);
-  const T ce_grad = (T(1) - z) * s.p - pos_weight * z * s.one_m_p;
+  T ce_grad = (T(1) - z) * s.p - pos_weight * z * s.one_m_p;
+  if constexpr (!std::is_same_v<Focal, NoFocal>) {
+    const T log_term = Log1pUnit(s.e);
+    const T ce = CrossEntropy(x, z, pos_weight, Max(x, T(0)), log_term);
+    ce_grad = FocalCrossEntropyGradient(x, z, s, log_term, ce, ce_grad, focal);
+  }
   const T pred_grad = kSquared ? T(2) * s.p * s.p_1mp : s.p_1mp;
   return w * (g_ce * ce_grad + g_inter * z * s.p_1mp + g_pred * pred_grad);
 }
 
-template <typename T, bool kSquared>
-FSL_HD T LogitGradient(T x, T z, T w, T pos_weight, T g_ce, T g_inter, T g_pred) {
-  return LogitGradientGivenExp<T, kSquared>(x, ExpOfNegativeAbs(x), z, w, pos_weight, g_ce,
-                                            g_inter, g_pred);
+template <typename T, bool kSquared, typename Focal = NoFocal>
+FSL_HD T LogitGradient(T x, T z, T w, T pos_weight, T g_ce, T g_inter, T g_pred,
+                       Focal focal = Focal{}) {
+  return LogitGradientGivenExp<T, kSquared, Focal>(x, ExpOfNegativeAbs(x), z, w, pos_weight,
+                                                   g_ce, g_inter, g_pred, focal);
 }
 
 // A label is valid when 0 <= z <= 1 (NaN is invalid); a weight when 0 <= w < inf.

@@ -133,6 +133,7 @@ struct KernelProblem {
   const float* weights = nullptr;  // canonical view, broadcast through `strides`
   WeightStrides strides;
   const float* pos_weight = nullptr;
+  FocalOptions focal;         // the focal modulation of ce_sum (plain ce by default)
   bool vector_loads = false;  // pointers aligned for whole-group loads/stores
 };
 

@@ -46,6 +46,7 @@ inline KernelProblem MakeKernelProblem(const SeglossProblem& p, const void* grad
   k.weights = p.weights;
   k.strides = MakeWeightStrides(p.shape, p.weights_batch, p.weights_positions, p.weights_classes);
   k.pos_weight = p.pos_weight;
+  k.focal = p.focal;
   k.vector_loads = AlignedForGroups(p.logits, p.logits_dtype) &&
                    AlignedForGroups(p.labels, p.labels_dtype) &&
                    (grad_out == nullptr || AlignedForGroups(grad_out, p.logits_dtype));

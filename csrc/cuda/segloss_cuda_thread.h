@@ -130,6 +130,19 @@ FSL_UNROLL
   return false;
 }
 
+// One element's forward terms; the focal variant only where the problem asks for it (a
+// branch every thread of the launch takes the same way), so the plain path is unchanged.
+template <typename Compute, bool kSquared>
+FSL_HD void ElementForwardTerms(const KernelProblem& p, Compute x, Compute z, Compute w,
+                                Compute pos_weight, Compute t[kNumStats]) {
+  if (FocalEnabled(p.focal)) {
+    ForwardTerms<Compute, kSquared, Compute>(x, z, w, pos_weight, t, nullptr,
+                                             MakeFocalParams<Compute>(p.focal));
+  } else {
+    ForwardTerms<Compute, kSquared>(x, z, w, pos_weight, t);
+  }
+}
+
 // ---------------------------------------------------------------------------------
 // Forward, span mode: one thread's accumulators, acc[slot][column].
 template <typename LogitT, typename LabelT, bool kSquared,
@@ -166,7 +179,7 @@ FSL_UNROLL
       w[j] = static_cast<Compute>(wf);
       counts.labels += LabelIsValid(z[j]) ? 0 : 1;
       Compute t[kNumStats];
-      ForwardTerms<Compute, kSquared>(x[j], z[j], w[j], pos_weight[j], t);
+      ElementForwardTerms<Compute, kSquared>(p, x[j], z[j], w[j], pos_weight[j], t);
 FSL_UNROLL
       for (int k = 0; k < kNumStats; ++k) acc[j][k] += t[k];
     }
@@ -251,7 +264,7 @@ FSL_HD void ColumnStatsThread(const LaunchPlan& plan, const KernelProblem& p, in
     }
     counts.labels += LabelIsValid(z) ? 0 : 1;
     Compute t[kNumStats];
-    ForwardTerms<Compute, kSquared>(x, z, static_cast<Compute>(wf), pos_weight, t);
+    ElementForwardTerms<Compute, kSquared>(p, x, z, static_cast<Compute>(wf), pos_weight, t);
     for (int k = 0; k < kNumStats; ++k) acc[0][k] += t[k];
   }
 }
@@ -282,6 +295,8 @@ FSL_HD float CombineStat(const LaunchPlan& plan, const ProblemShape& s, const do
 template <typename Compute>
 struct GradConstants {
   Compute pos_weight, g_ce, g_inter, g_pred;
+  bool focal_enabled;
+  FocalParams<Compute> focal;
 };
 
 template <typename Compute>
@@ -293,12 +308,18 @@ FSL_HD GradConstants<Compute> GradConstantsOf(const KernelProblem& p, const floa
   k.g_ce = static_cast<Compute>(upstream[kCeSum]);
   k.g_inter = static_cast<Compute>(upstream[kIntersection]);
   k.g_pred = static_cast<Compute>(upstream[kPredSum]);
+  k.focal_enabled = FocalEnabled(p.focal);
+  k.focal = MakeFocalParams<Compute>(p.focal);
   return k;
 }
 
 // One element's gradient, converted to the logits' storage type.
 template <typename LogitT, bool kSquared, typename Compute>
 FSL_HD LogitT GradOfElement(const GradConstants<Compute>& k, Compute x, Compute z, float w) {
+  if (k.focal_enabled) {  // the same for every thread of the launch
+    return FromCompute<LogitT>::Convert(LogitGradient<Compute, kSquared>(
+        x, z, static_cast<Compute>(w), k.pos_weight, k.g_ce, k.g_inter, k.g_pred, k.focal));
+  }
   return FromCompute<LogitT>::Convert(LogitGradient<Compute, kSquared>(
       x, z, static_cast<Compute>(w), k.pos_weight, k.g_ce, k.g_inter, k.g_pred));
 }

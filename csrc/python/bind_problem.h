@@ -51,10 +51,12 @@ inline fused_segloss::OperandView ViewOf(const py::array& a, std::vector<int64_t
   return {a.data(), dims->data(), static_cast<int>(a.ndim())};
 }
 
-// weights: None or the canonical rank-3 view; pos_weight: None or [C].
+// weights: None or the canonical rank-3 view; pos_weight: None or [C]; focal: the focal
+// options (focal_alpha < 0: none), checked with the shapes.
 inline BoundProblem BindProblem(const py::object& logits, const py::object& labels,
                                 const py::object& weights, const py::object& pos_weight,
-                                bool channels_last, bool squared) {
+                                bool channels_last, bool squared,
+                                fused_segloss::FocalOptions focal = {}) {
   using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
   BoundProblem b;
   b.logits = Contiguous(logits);
@@ -69,6 +71,7 @@ inline BoundProblem BindProblem(const py::object& logits, const py::object& labe
       ViewOf(b.logits, &b.dims[0]), ViewOf(b.labels, &b.dims[1]), ViewOf(b.weights, &b.dims[2]),
       ViewOf(b.pos_weight, &b.dims[3]), channels_last, squared, &p);
   if (!error.empty()) throw py::value_error(error);
+  p.focal = focal;
   return b;
 }
 

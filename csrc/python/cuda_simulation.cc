@@ -10,9 +10,12 @@
 // overlap its reads. Then the second stage (CombineStat) runs for every output.
 //
 //   simulate_cuda_stats(logits, labels, weights=None, pos_weight=None, channels_last=True,
-//                       squared=False, vector_loads=True)             -> [B, C, 8] float32
+//                       squared=False, vector_loads=True, focal_gamma=0, focal_alpha=-1)
+//                                                                     -> [B, C, 8] float32
 //   simulate_cuda_grad(logits, labels, weights=None, pos_weight=None, grad_stats=...,
-//                      channels_last=True, squared=False, vector_loads=True) -> like logits
+//                      channels_last=True, squared=False, vector_loads=True, focal_gamma=0,
+//                      focal_alpha=-1)                                -> like logits
+// (focal_alpha < 0: no alpha; the focal options as the TF op's attributes)
 //   cuda_launch_plan(batch, positions, classes, channels_last=True, logits_dtype="float32")
 //
 // vector_loads=False forces the masked scalar path everywhere (the launcher chooses
@@ -46,9 +49,10 @@ namespace fc = fused_segloss::cuda;
 // The shared NumPy binding, plus the CUDA launcher's own shape check.
 fused_segloss_py::BoundProblem Bind(const py::object& logits, const py::object& labels,
                                     const py::object& weights, const py::object& pos_weight,
-                                    bool channels_last, bool squared) {
+                                    bool channels_last, bool squared,
+                                    fused_segloss::FocalOptions focal) {
   auto b = fused_segloss_py::BindProblem(logits, labels, weights, pos_weight, channels_last,
-                                         squared);
+                                         squared, focal);
   const std::string error = fc::CheckLaunchProblem(b.problem);
   if (!error.empty()) throw py::value_error(error);
   return b;
@@ -141,8 +145,10 @@ void CheckAlignment() {
 
 py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& labels,
                                    const py::object& weights, const py::object& pos_weight,
-                                   bool channels_last, bool squared, bool vector_loads) {
-  auto b = Bind(logits, labels, weights, pos_weight, channels_last, squared);
+                                   bool channels_last, bool squared, bool vector_loads,
+                                   float focal_gamma, float focal_alpha) {
+  auto b = Bind(logits, labels, weights, pos_weight, channels_last, squared,
+                {focal_gamma, focal_alpha});
   const SeglossProblem& p = b.problem;
   py::array_t<float> out({p.shape.batch, p.shape.classes, int64_t{8}});
   float* stats = out.mutable_data();
@@ -166,8 +172,9 @@ py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& l
 py::array SimulateGradPy(const py::object& logits, const py::object& labels,
                          const py::object& weights, const py::object& pos_weight,
                          const py::object& grad_stats_obj, bool channels_last, bool squared,
-                         bool vector_loads) {
-  auto b = Bind(logits, labels, weights, pos_weight, channels_last, squared);
+                         bool vector_loads, float focal_gamma, float focal_alpha) {
+  auto b = Bind(logits, labels, weights, pos_weight, channels_last, squared,
+                {focal_gamma, focal_alpha});
   const SeglossProblem& p = b.problem;
   py::array_t<float, py::array::c_style | py::array::forcecast> grad_stats(grad_stats_obj);
   if (grad_stats.ndim() != 3 || grad_stats.shape(0) != p.shape.batch ||
@@ -225,12 +232,14 @@ void RegisterCudaSimulation(py::module_& m) {
   m.def("simulate_cuda_stats", &SimulateStatsPy, py::arg("logits"), py::arg("labels"),
         py::arg("weights") = py::none(), py::arg("pos_weight") = py::none(),
         py::arg("channels_last") = true, py::arg("squared") = false,
-        py::arg("vector_loads") = true,
+        py::arg("vector_loads") = true, py::arg("focal_gamma") = 0.0f,
+        py::arg("focal_alpha") = -1.0f,
         "The CUDA forward launch simulated on the host: [B, C, 8] float32.");
   m.def("simulate_cuda_grad", &SimulateGradPy, py::arg("logits"), py::arg("labels"),
         py::arg("weights") = py::none(), py::arg("pos_weight") = py::none(),
         py::arg("grad_stats"), py::arg("channels_last") = true, py::arg("squared") = false,
-        py::arg("vector_loads") = true,
+        py::arg("vector_loads") = true, py::arg("focal_gamma") = 0.0f,
+        py::arg("focal_alpha") = -1.0f,
         "The CUDA gradient launch simulated on the host: dL/dlogits in the logits' dtype.");
   m.def("cuda_launch_plan", &LaunchPlanPy, py::arg("batch"), py::arg("positions"),
         py::arg("classes"), py::arg("channels_last") = true,

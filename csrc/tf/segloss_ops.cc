@@ -8,6 +8,10 @@
 //   weights:    float32 [Bw, Nw, Cw] (channels_last) or [Bw, Cw, Nw] (channels_first),
 //               every axis 1 or full; a rank-1 empty tensor means "no weights".
 //   pos_weight: float32 [C]; an empty tensor means "all ones".
+// Attributes of both ops: data_format, squared, and the focal modulation of ce_sum
+// (csrc/core/segloss_focal_math.h): focal_gamma >= 0 (finite) and focal_alpha in [0, 1],
+// where a negative focal_alpha means "no alpha" (a_t = 1). The defaults 0 and -1 are the
+// plain cross-entropy; the Python layer checks the values, the kernels check them again.
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -45,6 +49,8 @@ REGISTER_OP("FusedSeglossStats")
     .Attr("TL: {half, bfloat16, float, double, uint8, bool}")
     .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
     .Attr("squared: bool = false")
+    .Attr("focal_gamma: float = 0")
+    .Attr("focal_alpha: float = -1")
     .SetShapeFn(StatsShape)
     .Doc(R"doc(
 Per-image, per-class sums [B, C, 8] of the sigmoid cross-entropy and soft-Dice terms
@@ -62,6 +68,8 @@ REGISTER_OP("FusedSeglossStatsGrad")
     .Attr("TL: {half, bfloat16, float, double, uint8, bool}")
     .Attr("data_format: {'channels_last', 'channels_first'} = 'channels_last'")
     .Attr("squared: bool = false")
+    .Attr("focal_gamma: float = 0")
+    .Attr("focal_alpha: float = -1")
     .SetShapeFn([](InferenceContext* c) {
       c->set_output(0, c->input(0));
       return absl::OkStatus();

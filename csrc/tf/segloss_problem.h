@@ -50,7 +50,8 @@ struct TensorDims {
 };
 
 inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool channels_last,
-                                      bool squared, fused_segloss::SeglossProblem* p) {
+                                      bool squared, const fused_segloss::FocalOptions& focal,
+                                      fused_segloss::SeglossProblem* p) {
   const tensorflow::Tensor* inputs[4] = {&ctx->input(0), &ctx->input(1), &ctx->input(2),
                                          &ctx->input(3)};
   const char* names[4] = {"logits", "labels", "weights", "pos_weight"};
@@ -68,6 +69,7 @@ inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool cha
   const std::string error = fused_segloss::ProblemFromOperands(
       views[0], views[1], views[2], views[3], channels_last, squared, p);
   if (!error.empty()) return InvalidArgument("FusedSegloss: ", error);
+  p->focal = focal;
   return absl::OkStatus();
 }
 
@@ -78,12 +80,15 @@ class SeglossKernelBase : public tensorflow::OpKernel {
     std::string data_format;
     OP_REQUIRES_OK(c, c->GetAttr("data_format", &data_format));
     OP_REQUIRES_OK(c, c->GetAttr("squared", &squared_));
+    OP_REQUIRES_OK(c, c->GetAttr("focal_gamma", &focal_.gamma));
+    OP_REQUIRES_OK(c, c->GetAttr("focal_alpha", &focal_.alpha));
     channels_last_ = data_format == "channels_last";
   }
 
  protected:
   bool channels_last_ = true;
   bool squared_ = false;
+  fused_segloss::FocalOptions focal_;
 };
 
 }  // namespace fused_segloss_tf

@@ -11,7 +11,9 @@
 //   weights    float32 canonical view [Bw, Nw, Cw] / [Bw, Cw, Nw], or rank-1 empty
 //   pos_weight float32 [C], or rank-0 (absent)
 //   grad_stats float32 [B, C, 8]            (gradient handler only)
-// Attributes: channels_last (bool), squared (bool), check_numerics (bool, stats only).
+// Attributes: channels_last (bool), squared (bool), check_numerics (bool, stats only),
+//   focal_gamma (f32, >= 0) and focal_alpha (f32, in [0, 1]; negative means none): the
+//   focal modulation of ce_sum (csrc/core/segloss_focal_math.h; 0 and -1 give plain ce).
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -53,7 +55,7 @@ bool ToCoreDType(ffi::DataType dtype, DType* out) {
 std::string ProblemFromBuffers(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& labels,
                                const ffi::AnyBuffer& weights, const ffi::AnyBuffer& pos_weight,
                                bool channels_last, bool squared, bool check_numerics,
-                               SeglossProblem* p) {
+                               float focal_gamma, float focal_alpha, SeglossProblem* p) {
   if (!ToCoreDType(logits.element_type(), &p->logits_dtype) ||
       p->logits_dtype == DType::kUInt8 || p->logits_dtype == DType::kBool) {
     return "unsupported dtype for `logits` (float16, bfloat16, float32 or float64 expected)";
@@ -69,8 +71,11 @@ std::string ProblemFromBuffers(const ffi::AnyBuffer& logits, const ffi::AnyBuffe
                                       static_cast<int>(dims.size())};
   };
   p->check_numerics = check_numerics;
-  return fused_segloss::ProblemFromOperands(view(logits), view(labels), view(weights),
-                                            view(pos_weight), channels_last, squared, p);
+  const std::string error = fused_segloss::ProblemFromOperands(
+      view(logits), view(labels), view(weights), view(pos_weight), channels_last, squared, p);
+  p->focal.gamma = focal_gamma;
+  p->focal.alpha = focal_alpha;
+  return error;
 }
 
 std::string CheckGradStats(const SeglossProblem& p, ffi::AnyBuffer::Dimensions g) {
@@ -90,11 +95,13 @@ fused_segloss::ParallelFor PoolParallelFor(ffi::ThreadPool* pool) {
 
 ffi::Error StatsHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                      ffi::AnyBuffer pos_weight, bool channels_last, bool squared,
-                     bool check_numerics, ffi::ThreadPool pool,
+                     bool check_numerics, float focal_gamma, float focal_alpha,
+                     ffi::ThreadPool pool,
                      ffi::Result<ffi::Buffer<ffi::F32>> stats) {
   SeglossProblem problem;
   std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
-                                         squared, check_numerics, &problem);
+                                         squared, check_numerics, focal_gamma, focal_alpha,
+                                         &problem);
   if (error.empty()) {
     error = fused_segloss::ComputeStatsCpu(problem, PoolParallelFor(&pool),
                                            stats->typed_data());
@@ -105,11 +112,13 @@ ffi::Error StatsHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffe
 
 ffi::Error StatsGradHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                          ffi::AnyBuffer pos_weight, ffi::Buffer<ffi::F32> grad_stats,
-                         bool channels_last, bool squared, ffi::ThreadPool pool,
+                         bool channels_last, bool squared, float focal_gamma,
+                         float focal_alpha, ffi::ThreadPool pool,
                          ffi::Result<ffi::AnyBuffer> grad_logits) {
   SeglossProblem problem;
   std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
-                                         squared, /*check_numerics=*/false, &problem);
+                                         squared, /*check_numerics=*/false, focal_gamma,
+                                         focal_alpha, &problem);
   if (error.empty()) error = CheckGradStats(problem, grad_stats.dimensions());
   if (error.empty() && grad_logits->element_type() != logits.element_type()) {
     error = "the gradient must have the logits' dtype";
@@ -136,12 +145,13 @@ ffi::Error FromCudaStatus(int code, const char* op) {
 
 ffi::Error StatsCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                      ffi::AnyBuffer pos_weight, bool channels_last, bool squared,
-                     bool check_numerics, void* stream, ffi::ScratchAllocator scratch,
+                     bool check_numerics, float focal_gamma, float focal_alpha, void* stream,
+                     ffi::ScratchAllocator scratch,
                      ffi::Result<ffi::Buffer<ffi::F32>> stats) {
   SeglossProblem problem;
   const std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight,
                                                channels_last, squared, check_numerics,
-                                               &problem);
+                                               focal_gamma, focal_alpha, &problem);
   if (!error.empty()) return ffi::Error::InvalidArgument("FusedSeglossStats: " + error);
   if (check_numerics) {
     return ffi::Error::InvalidArgument(
@@ -170,11 +180,13 @@ ffi::Error StatsCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffe
 
 ffi::Error StatsGradCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                          ffi::AnyBuffer pos_weight, ffi::Buffer<ffi::F32> grad_stats,
-                         bool channels_last, bool squared, void* stream,
+                         bool channels_last, bool squared, float focal_gamma,
+                         float focal_alpha, void* stream,
                          ffi::Result<ffi::AnyBuffer> grad_logits) {
   SeglossProblem problem;
   std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
-                                         squared, /*check_numerics=*/false, &problem);
+                                         squared, /*check_numerics=*/false, focal_gamma,
+                                         focal_alpha, &problem);
   if (error.empty()) error = CheckGradStats(problem, grad_stats.dimensions());
   if (error.empty() && grad_logits->element_type() != logits.element_type()) {
     error = "the gradient must have the logits' dtype";
@@ -199,6 +211,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsHost, StatsHost,
                                   .Attr<bool>("channels_last")
                                   .Attr<bool>("squared")
                                   .Attr<bool>("check_numerics")
+                                  .Attr<float>("focal_gamma")
+                                  .Attr<float>("focal_alpha")
                                   .Ctx<ffi::ThreadPool>()
                                   .Ret<ffi::Buffer<ffi::F32>>());  // stats [B, C, 8]
 
@@ -211,6 +225,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsGradHost, StatsGradHost,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // grad_stats
                                   .Attr<bool>("channels_last")
                                   .Attr<bool>("squared")
+                                  .Attr<float>("focal_gamma")
+                                  .Attr<float>("focal_alpha")
                                   .Ctx<ffi::ThreadPool>()
                                   .Ret<ffi::AnyBuffer>());         // grad_logits
 
@@ -231,6 +247,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsCuda, StatsCuda,
                                   .Attr<bool>("channels_last")
                                   .Attr<bool>("squared")
                                   .Attr<bool>("check_numerics")
+                                  .Attr<float>("focal_gamma")
+                                  .Attr<float>("focal_alpha")
                                   .Ctx<ffi::PlatformStream<void*>>()
                                   .Ctx<ffi::ScratchAllocator>()
                                   .Ret<ffi::Buffer<ffi::F32>>());  // stats [B, C, 8]
@@ -244,6 +262,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsGradCuda, StatsGradCuda,
                                   .Arg<ffi::Buffer<ffi::F32>>()    // grad_stats
                                   .Attr<bool>("channels_last")
                                   .Attr<bool>("squared")
+                                  .Attr<float>("focal_gamma")
+                                  .Attr<float>("focal_alpha")
                                   .Ctx<ffi::PlatformStream<void*>>()
                                   .Ret<ffi::AnyBuffer>());         // grad_logits
 

@@ -71,7 +71,8 @@ class SegLoss(keras.losses.Loss):
     Args:
       ce_weight, dice_weight, dice_mode, smooth, empty, class_weights, overlap,
         tversky_alpha, tversky_beta: as in `combine`.
-      pos_weight, data_format, squared, implementation: as in `segloss_stats`.
+      pos_weight, data_format, squared, implementation, focal_gamma, focal_alpha: as in
+        `segloss_stats` (the focal options modulate the CE term only).
       reduction: "sum_over_batch_size" (default), "mean", "mean_with_sample_weight", "sum":
         all give the loss of the whole batch (it is already a mean: CE over weighted
         elements, Dice over classes; there is no per-sample vector to sum or divide).
@@ -97,7 +98,8 @@ class SegLoss(keras.losses.Loss):
                  empty="include", class_weights=None, pos_weight=None,
                  data_format="channels_last", squared=False, implementation="auto",
                  reduction="sum_over_batch_size", name="seg_loss", dtype=None,
-                 overlap="dice", tversky_alpha=0.5, tversky_beta=0.5):
+                 overlap="dice", tversky_alpha=0.5, tversky_beta=0.5, focal_gamma=0.0,
+                 focal_alpha=None):
         if reduction not in REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
         super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -108,6 +110,7 @@ class SegLoss(keras.losses.Loss):
         if not isinstance(squared, bool):
             raise ValueError(f"`squared` must be a bool, got {squared!r}")
         check_overlap_with_squared(overlap, squared)
+        self.focal_gamma, self.focal_alpha = _inputs.check_focal(focal_gamma, focal_alpha)
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)
         self.dice_mode = dice_mode
@@ -130,7 +133,8 @@ class SegLoss(keras.losses.Loss):
     @property
     def stats_options(self):
         return dict(data_format=self.data_format, squared=self.squared,
-                    implementation=self.implementation)
+                    implementation=self.implementation, focal_gamma=self.focal_gamma,
+                    focal_alpha=self.focal_alpha)
 
     @property
     def combine_options(self):
@@ -191,5 +195,6 @@ class SegLoss(keras.losses.Loss):
                       data_format=self.data_format, squared=self.squared,
                       implementation=self.implementation, dtype=self._explicit_dtype,
                       overlap=self.overlap, tversky_alpha=self.tversky_alpha,
-                      tversky_beta=self.tversky_beta)
+                      tversky_beta=self.tversky_beta, focal_gamma=self.focal_gamma,
+                      focal_alpha=self.focal_alpha)
         return config

@@ -5,7 +5,8 @@ under tf.distribute, over replicas: Keras metric variables are summed on read). 
 combines them exactly as the loss does, so `dice/<class>` is the soft Dice of the whole
 epoch's pixels (dice_mode "batch" over the epoch), `iou/<class>` the hard IoU
 tp / (pred + label - tp), and `ce/<class>` the mean CE over the class's weighted elements
-(including `pos_weight` when the loss has one: it is the loss's CE term).
+(including `pos_weight` and the focal options when the loss has them: it is the loss's CE
+term).
 
 No second pass where possible: given `loss=` (a SegLoss), the metric first asks the loss
 for the statistics of its call on the very same (y_true, y_pred, sample_weight) objects,
@@ -34,6 +35,8 @@ class SegMetrics(keras.metrics.Metric):
     class_names: names used in the log keys (or num_classes for "0", "1", ...).
     loss: a SegLoss whose statistics are reused and whose options (data_format, pos_weight,
         squared, implementation) the metric's own pass uses; without it, pass those options.
+        Its focal options (focal_gamma, focal_alpha) always come from it, so that `ce/<class>`
+        is the loss's CE term (plain cross-entropy without a loss).
     quantities: which of "dice", "iou", "ce" to report.
     """
 
@@ -73,6 +76,8 @@ class SegMetrics(keras.metrics.Metric):
             "data_format", option(data_format, "data_format", "channels_last"), _inputs.DATA_FORMATS)
         self.pos_weight = _inputs.float_tuple(option(pos_weight, "pos_weight", None), "pos_weight")
         self.squared = bool(option(squared, "squared", False))
+        self.focal_gamma = loss.focal_gamma if loss is not None else 0.0
+        self.focal_alpha = loss.focal_alpha if loss is not None else None
         self.implementation = _inputs.check_choice(
             "implementation", option(implementation, "implementation", "auto"),
             _inputs.IMPLEMENTATIONS)
@@ -86,7 +91,8 @@ class SegMetrics(keras.metrics.Metric):
         weights = sample_weight_to_weights(sample_weight, logits.shape.rank, self.data_format)
         return segloss_stats(tf.stop_gradient(logits), y_true, weights, self.pos_weight,
                              data_format=self.data_format, squared=self.squared,
-                             implementation=self.implementation)
+                             implementation=self.implementation, focal_gamma=self.focal_gamma,
+                             focal_alpha=self.focal_alpha)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         stats = None
