@@ -4,7 +4,8 @@ TF's logical devices must be configured before TF initialises its devices, and
 MultiWorkerMirroredStrategy needs one process per worker, so every case runs this file as
 a script in fresh processes (`python test_distribute.py MODE OUT.json`) and the tests
 compare their JSON results. One training step (SGD, learning rate 0.5) on a global batch
-of 8 images with per-image sample weights, for three loss configurations:
+of 8 images with per-image sample weights, for five loss configurations (focal and the
+overlap variants included):
 
     single    Keras model.fit on one device (the reference)
     mirrored  Keras model.fit under MirroredStrategy on 2 logical CPU devices
@@ -26,6 +27,9 @@ OPTION_SETS = {
     "batch": {},
     "batch_weighted": {"class_weights": [1.0, 2.0, 4.0], "pos_weight": [1.0, 3.0, 9.0]},
     "per_image_exclude": {"dice_mode": "per_image", "empty": "exclude"},
+    "focal_generalized_dice": {"dice_mode": "per_image", "overlap": "generalized_dice",
+                               "focal_gamma": 2.0, "focal_alpha": 0.25},
+    "tversky": {"overlap": "tversky", "tversky_alpha": 0.3, "tversky_beta": 0.7},
 }
 GLOBAL_BATCH, SIZE, LEARNING_RATE = 8, 10, 0.5
 TOLERANCE = 1e-5  # the bound: float32 sums in another order differ by ~1e-7

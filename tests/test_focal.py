@@ -262,3 +262,31 @@ def test_segloss_config_round_trip_keeps_focal_and_metrics_use_it(rng):
     ce, _, _ = metrics.per_class()
     want = fsl.seg_loss_result(logits, labels, focal_gamma=2.0, focal_alpha=0.25).ce_per_class
     np.testing.assert_array_equal(ce.numpy(), want.numpy())
+
+
+# MONAI's FocalLoss test (tests/losses/test_focal_loss.py, Project-MONAI/MONAI): sigmoid,
+# gamma 2, input (1, 3, 2, 2) channels_first, target ids [[0, 1], [2, 0]] one-hot (written
+# out below), reduction "mean" over every element. Every class has 4 elements, so our
+# class mean of per-class means is that element mean; include_background=False is class
+# weights [0, 1, 1]. Its reduction="none" values give each class's mean (ce_per_class).
+# rtol 1e-4: MONAI prints 5 digits and compares with atol = rtol = 1e-4.
+_MONAI_X = [[[[1.0, 1.0], [0.5, 0.0]], [[1.0, 1.0], [0.5, 0.0]], [[1.0, 1.0], [0.5, 0.0]]]]
+_MONAI_Z = [[[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 0.0]]]]
+_MONAI_PER_CLASS = np.mean([[0.02266, 0.70187, 0.37741, 0.17329],
+                            [0.70187, 0.02266, 0.37741, 0.17329],
+                            [0.70187, 0.70187, 0.06757, 0.17329]], axis=1)
+
+
+@pytest.mark.parametrize("implementation", ("fused", "reference"))
+@pytest.mark.parametrize("options,expected", [
+    (dict(), 0.34959),
+    (dict(class_weights=[0.0, 1.0, 1.0]), 0.36498),
+    (dict(focal_alpha=0.8), 0.08423),
+])
+def test_monai_published_focal_values(options, expected, implementation):
+    result = fsl.seg_loss_result(np.array(_MONAI_X, np.float32), np.array(_MONAI_Z, np.float32),
+                                 data_format="channels_first", focal_gamma=2.0, dice_weight=0.0,
+                                 implementation=implementation, **options)
+    assert float(result.total) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    if not options:
+        np.testing.assert_allclose(result.ce_per_class, _MONAI_PER_CLASS, rtol=1e-4)

@@ -195,3 +195,24 @@ def test_segloss_config_round_trip_keeps_the_overlap(problem):
                         tversky_beta=0.8, dice_mode="per_image")
     assert float(again(prob.labels, prob.logits)) == float(want)
     assert float(loss(prob.labels, prob.logits)) == float(want)
+
+
+@pytest.mark.parametrize("overlap", list(OVERLAPS))
+@pytest.mark.parametrize("dice_mode", ["batch", "per_image"])
+@pytest.mark.parametrize("focal", [dict(), dict(focal_gamma=2.0, focal_alpha=0.25)],
+                         ids=["plain", "focal"])
+def test_focal_and_overlap_together_match_the_oracle(focal, dice_mode, overlap, problem):
+    """The whole loss, statistics to total, against the float64 oracle for every pairing
+    of the focal cross-entropy with an overlap term."""
+    prob = problem(classes=4, spatial=(9, 5), weights="pixel", soft=True, pos_weight=True)
+    args, kwargs = prob.args()
+    options = dict(dice_mode=dice_mode, overlap=overlap, ce_weight=0.6, dice_weight=1.4,
+                   **OVERLAPS[overlap])
+    result = fsl.seg_loss_result(*args, **kwargs, **focal, **options)
+    stats = npref.stats(*args, **kwargs, **focal)
+    alpha, beta = _params(overlap)
+    want_overlap, _ = npref.overlap_loss(stats, overlap=overlap, dice_mode=dice_mode,
+                                         alpha=alpha, beta=beta)
+    want = 0.6 * npref.combine(stats, dice_mode=dice_mode).ce + 1.4 * want_overlap
+    # float32 statistics (conftest's stats tolerance) through float32 ratios
+    assert float(result.total) == pytest.approx(want, rel=1e-4)

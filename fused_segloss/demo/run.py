@@ -20,6 +20,8 @@ RUNS = (
      {"class_weights": [1, 1, 1, 1, 3], "pos_weight": [1, 1, 1, 1, 10]}),
     ("CE + per-image Dice, empty='include'", {"dice_mode": "per_image"}),
     ("CE + per-image Dice, empty='exclude'", {"dice_mode": "per_image", "empty": "exclude"}),
+    ("focal CE (g=2) + Tversky (a=0.3, b=0.7)",
+     {"focal_gamma": 2.0, "overlap": "tversky", "tversky_alpha": 0.3, "tversky_beta": 0.7}),
 )
 QUICK = dict(size=32, batch_size=4, steps=6, epochs=2, val_images=8, runs="1,2")
 
@@ -35,7 +37,7 @@ def parse_args(argv):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
     parser.add_argument("--val-images", type=int, default=96, help="fixed validation images")
-    parser.add_argument("--runs", default="1,2,3,4,5",
+    parser.add_argument("--runs", default=",".join(str(i + 1) for i in range(len(RUNS))),
                         help="which runs, by number: " + "; ".join(
                             f"{i + 1}: {label}" for i, (label, _) in enumerate(RUNS)))
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -104,7 +106,8 @@ def train_one(label, options, args, validation):
                         shuffle=False, verbose=args.verbose, callbacks=callbacks)
     seconds = time.perf_counter() - started
     logits = model.predict(validation[0], batch_size=32, verbose=0)
-    stats = fsl.segloss_stats(logits, validation[1], pos_weight=loss.pos_weight).numpy()
+    stats = fsl.segloss_stats(logits, validation[1], pos_weight=loss.pos_weight,
+                              **loss.stats_options).numpy()
     breakdown = class_breakdown(stats, **loss.combine_options)
     breakdown["names"] = list(CLASS_NAMES)
     return history.history, steps_per_epoch, breakdown, seconds
