@@ -97,6 +97,7 @@ def test_demo_arguments():
             parse_args(bad)
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-m", "fused_segloss", "demo", "--quick", "--out",

@@ -214,11 +214,13 @@ def test_the_reference_step_is_a_meaningful_comparison(single):
         assert moved > 1000 * TOLERANCE, key
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_on_two_devices_equals_one_device(single, tmp_path):
     (mirrored,) = _run_processes([("mirrored", _environment())], tmp_path)
     _assert_same_step(mirrored, single)
 
 
+@pytest.mark.slow
 def test_multi_worker_mirrored_on_localhost_equals_one_process(single, tmp_path):
     cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
     workers = [("worker", _environment(TF_CONFIG=json.dumps(

@@ -100,6 +100,7 @@ def run(implementation, p):
     return stats.numpy(), float(total), tape.gradient(total, x).numpy()
 
 
+@pytest.mark.slow
 @settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(p=problems())

@@ -64,6 +64,7 @@ def test_released_buffer_is_reused_and_holds_the_new_gradient():
     assert len(addresses) <= 2
 
 
+@pytest.mark.slow
 def test_reuse_can_be_switched_off():
     # In a fresh process (the setting is read when TF creates the kernel): with reuse off,
     # a held gradient is still intact and the results are the same as with reuse on.
