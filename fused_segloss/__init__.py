@@ -9,12 +9,22 @@
 `fused_segloss.keras` (SegLoss, SegMetrics) is imported on first use, so that importing
 the package does not import Keras.
 """
-from . import reference
-from ._columns import STAT_COLUMNS, Column
-from ._loader import FusedSeglossFallbackWarning
-from ._version import __version__
-from .combine import SegLossResult, check_overlap_with_squared, combine
-from .ops import fused_available, segloss_stats
+import os as _os
+import sys as _sys
+
+# `python -m fused_segloss ...` imports this package (and TensorFlow) before __main__ runs,
+# and TensorFlow reads its C++ log level when it loads: the command line's quiet default
+# must be set here. Python sets argv[0] to "-m" only while it locates the -m module, so
+# an import from user code never gets here; a level the user set always wins.
+if _sys.argv[:1] == ["-m"]:
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from . import reference  # noqa: E402
+from ._columns import STAT_COLUMNS, Column  # noqa: E402
+from ._loader import FusedSeglossFallbackWarning  # noqa: E402
+from ._version import __version__  # noqa: E402
+from .combine import SegLossResult, check_overlap_with_squared, combine  # noqa: E402
+from .ops import fused_available, segloss_stats  # noqa: E402
 
 _STATS_OPTIONS = ("data_format", "squared", "implementation", "check_numerics",
                   "focal_gamma", "focal_alpha")
