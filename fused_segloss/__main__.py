@@ -1,5 +1,8 @@
-"""Command line: `python -m fused_segloss demo [...]` or `python -m fused_segloss bench [...]`."""
-import os
+"""Command line: `python -m fused_segloss demo [...]` or `python -m fused_segloss bench [...]`.
+
+The quiet TensorFlow log level of the command line is set in the package's __init__, which
+`python -m` runs (and which loads TensorFlow) before this module.
+"""
 import sys
 
 USAGE = """usage: python -m fused_segloss COMMAND [options]
@@ -12,8 +15,6 @@ commands:
 
 
 def main(argv=None):
-    # TensorFlow's C++ start-up chatter hides the output; a user's own setting wins.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
