@@ -1,10 +1,10 @@
 // The storage dtypes of the kernels, their runtime tags and the one dtype dispatch,
 // framework-free (host and CUDA device code).
 //
-// Operands: logits are float32, float64, float16 or bfloat16; labels any of those, uint8 or
-// bool. DType names them at run time (the frameworks map their own dtype enums to it);
+// Operands: logits are float32, float64, float16 or bfloat16; dense labels any of those,
+// uint8 or bool; sparse labels (softmax class ids) uint8, int32 or int64. DType names them at run time (the frameworks map their own dtype enums to it);
 // FSL_FOR_EACH_LOGIT_TYPE / FSL_FOR_EACH_LABEL_TYPE list them at compile time, and
-// DispatchDTypes maps a runtime (logits, labels) pair to those types for every caller (the
+// DispatchDTypes (DispatchClassIdDTypes for class ids) maps a runtime (logits, labels) pair to those types for every caller (the
 // CPU kernels, the CUDA launcher and its host simulation).
 // Math: float64 is computed in float64, every other dtype in float32 (ComputeTypeOf);
 // ToCompute widens exactly, FromCompute rounds to nearest even.
@@ -29,7 +29,7 @@ struct BFloat16 {
 };
 
 // Runtime dtype tags. The values are part of the C ABI of csrc/cuda/segloss_cuda_capi.cc.
-enum class DType : int { kFloat32 = 0, kFloat64, kFloat16, kBFloat16, kUInt8, kBool };
+enum class DType : int { kFloat32 = 0, kFloat64, kFloat16, kBFloat16, kUInt8, kBool, kInt32, kInt64 };
 
 inline const char* DTypeName(DType dtype) {
   switch (dtype) {
@@ -39,6 +39,8 @@ inline const char* DTypeName(DType dtype) {
     case DType::kBFloat16: return "bfloat16";
     case DType::kUInt8: return "uint8";
     case DType::kBool: return "bool";
+    case DType::kInt32: return "int32";
+    case DType::kInt64: return "int64";
   }
   return "unknown";
 }
@@ -46,8 +48,10 @@ inline const char* DTypeName(DType dtype) {
 // Bytes per element.
 inline int64_t DTypeSize(DType dtype) {
   switch (dtype) {
-    case DType::kFloat64: return 8;
-    case DType::kFloat32: return 4;
+    case DType::kFloat64:
+    case DType::kInt64: return 8;
+    case DType::kFloat32:
+    case DType::kInt32: return 4;
     case DType::kFloat16:
     case DType::kBFloat16: return 2;
     case DType::kUInt8:
@@ -64,6 +68,8 @@ template <> struct DTypeTag<Half> { static constexpr DType value = DType::kFloat
 template <> struct DTypeTag<BFloat16> { static constexpr DType value = DType::kBFloat16; };
 template <> struct DTypeTag<uint8_t> { static constexpr DType value = DType::kUInt8; };
 template <> struct DTypeTag<bool> { static constexpr DType value = DType::kBool; };
+template <> struct DTypeTag<int32_t> { static constexpr DType value = DType::kInt32; };
+template <> struct DTypeTag<int64_t> { static constexpr DType value = DType::kInt64; };
 
 // The dtypes the kernels are instantiated for: one list, used by DispatchDTypes and by
 // every explicit instantiation (M(Type, args...) for each).
@@ -81,6 +87,12 @@ template <> struct DTypeTag<bool> { static constexpr DType value = DType::kBool;
   M(uint8_t, __VA_ARGS__)                   \
   M(bool, __VA_ARGS__)
 
+// Sparse labels (softmax mode): one class id per position, read as int64.
+#define FSL_FOR_EACH_CLASS_ID_TYPE(M, ...) \
+  M(uint8_t, __VA_ARGS__)                  \
+  M(int32_t, __VA_ARGS__)                  \
+  M(int64_t, __VA_ARGS__)
+
 // Calls fn(LogitT{}, LabelT{}) for the pair of storage types named by the tags and returns
 // its result; returns `unsupported` when the pair is not in the lists. Host code only.
 template <typename Result, typename Fn>
@@ -94,6 +106,21 @@ Result DispatchDTypes(DType logits, DType labels, Result unsupported, Fn&& fn) {
   FSL_FOR_EACH_LOGIT_TYPE(FSL_DISPATCH_LOGIT_CASE, unused)
 #undef FSL_DISPATCH_LOGIT_CASE
 #undef FSL_DISPATCH_LABEL_CASE
+  return unsupported;
+}
+
+// DispatchDTypes for sparse labels: fn(LogitT{}, IdT{}) with IdT from the class-id list.
+template <typename Result, typename Fn>
+Result DispatchClassIdDTypes(DType logits, DType labels, Result unsupported, Fn&& fn) {
+#define FSL_DISPATCH_ID_CASE(IdT, LogitT) \
+  if (labels == DTypeTag<IdT>::value) return fn(LogitT{}, IdT{});
+#define FSL_DISPATCH_LOGIT_CASE(LogitT, unused)              \
+  if (logits == DTypeTag<LogitT>::value) {                   \
+    FSL_FOR_EACH_CLASS_ID_TYPE(FSL_DISPATCH_ID_CASE, LogitT) \
+  }
+  FSL_FOR_EACH_LOGIT_TYPE(FSL_DISPATCH_LOGIT_CASE, unused)
+#undef FSL_DISPATCH_LOGIT_CASE
+#undef FSL_DISPATCH_ID_CASE
   return unsupported;
 }
 

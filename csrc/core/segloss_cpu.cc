@@ -40,6 +40,16 @@ std::string InvalidValuesMessage(int64_t invalid_labels, int64_t invalid_weights
   return "";
 }
 
+std::string InvalidClassIdsMessage(const SeglossProblem& p, int64_t count, int64_t min_bad,
+                                   int64_t max_bad) {
+  if (count == 0) return "";
+  std::string msg = "`labels` class ids must lie in [0, C) = [0, " +
+                    std::to_string(p.shape.classes) + ")";
+  if (p.has_ignore_index) msg += " or equal ignore_index = " + std::to_string(p.ignore_index);
+  return msg + "; found " + std::to_string(count) + " id(s) outside, from " +
+         std::to_string(min_bad) + " to " + std::to_string(max_bad);
+}
+
 void SerialFor(int64_t n, int64_t /*cost_per_item*/, const RangeFn& fn) {
   if (n > 0) fn(0, n);
 }

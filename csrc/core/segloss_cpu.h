@@ -29,13 +29,22 @@ struct SeglossProblem {
   DType logits_dtype = DType::kFloat32;
   const void* logits = nullptr;
   DType labels_dtype = DType::kFloat32;
-  const void* labels = nullptr;  // same shape as logits
+  const void* labels = nullptr;  // same shape as logits, or [B, N] class ids (sparse_labels)
   // Optional float32 weights in the canonical view of the logits' layout, each axis
   // 1 (broadcast) or full: [Bw, Nw, Cw] (channels_last) or [Bw, Cw, Nw] (channels_first).
   const float* weights = nullptr;
   int64_t weights_batch = 1, weights_positions = 1, weights_classes = 1;
   const float* pos_weight = nullptr;  // optional [C]
   bool squared = false;
+  // sigmoid: independent classes (segloss_math.h); softmax: one class per pixel
+  // (segloss_softmax_math.h). pos_weight and focal.alpha are sigmoid-only.
+  Activation activation = Activation::kSigmoid;
+  // Softmax only: labels are class ids [B, N] (uint8, int32 or int64), never expanded to
+  // one-hot. A position whose id equals ignore_index (when has_ignore_index) has weight 0
+  // for every class; any other id outside [0, C) is invalid (InvalidClassIdsMessage).
+  bool sparse_labels = false;
+  bool has_ignore_index = false;
+  int64_t ignore_index = 0;
   // The focal modulation of ce_sum (segloss_focal_math.h); the default is plain ce.
   FocalOptions focal;
   // Raise on NaN/Inf logits (counted during the forward pass) instead of propagating.
@@ -57,6 +66,11 @@ std::string ValidateProblem(const SeglossProblem& problem);
 // The error for invalid values found during a pass ("" when both counts are 0); shared
 // with the CUDA launcher so that both devices report the same message.
 std::string InvalidValuesMessage(int64_t invalid_labels, int64_t invalid_weights);
+
+// The error for invalid class ids found during a sparse pass ("" when count is 0): how
+// many, the smallest and largest of them, C and ignore_index. Shared with the CUDA launcher.
+std::string InvalidClassIdsMessage(const SeglossProblem& problem, int64_t count, int64_t min_bad,
+                                   int64_t max_bad);
 
 // Checks the host-side pos_weight values (finite, >= 0). Returns "" or a message.
 std::string ValidatePosWeight(const SeglossProblem& problem);

@@ -392,3 +392,6 @@ FSL_HD int64_t WeightIndex(const WeightStrides& st, int64_t b, int64_t n, int64_
 }
 
 }  // namespace fused_segloss
+
+// Softmax mode (one class per pixel): its per-pixel terms, from the primitives above.
+#include "segloss_softmax_math.h"

@@ -13,19 +13,50 @@ std::string ShapeString(const int64_t* dims, int rank) {
 
 std::string ProblemFromOperands(const OperandView& logits, const OperandView& labels,
                                 const OperandView& weights, const OperandView& pos_weight,
-                                bool channels_last, bool squared, SeglossProblem* p) {
+                                const ProblemOptions& options, SeglossProblem* p) {
+  const bool channels_last = options.channels_last;
+  const bool softmax = options.activation == Activation::kSoftmax;
   const int rank = logits.rank;
   if (rank < 2 || rank > 5) {
     return "`logits` must have rank 2 to 5 ([B, *spatial, C] or [B, C, *spatial] with 0 to 3 "
            "spatial dims), got shape " + ShapeString(logits.dims, rank);
   }
+  const int class_axis = channels_last ? rank - 1 : 1;
   bool same = labels.rank == rank;
   for (int d = 0; same && d < rank; ++d) same = labels.dims[d] == logits.dims[d];
-  if (!same) {
-    return "`labels` shape " + ShapeString(labels.dims, labels.rank) +
-           " must equal the `logits` shape " + ShapeString(logits.dims, rank);
+  // Sparse: the logits' dims without the class axis.
+  bool sparse = softmax && labels.rank == rank - 1;
+  for (int d = 0, l = 0; sparse && d < rank; ++d) {
+    if (d != class_axis) sparse = labels.dims[l++] == logits.dims[d];
   }
-  const int class_axis = channels_last ? rank - 1 : 1;
+  if (!same && !sparse) {
+    return "`labels` shape " + ShapeString(labels.dims, labels.rank) +
+           " must equal the `logits` shape " + ShapeString(logits.dims, rank) +
+           (softmax ? " (dense) or be that shape without the class axis (sparse class ids)" : "");
+  }
+  const bool id_dtype = p->labels_dtype == DType::kInt32 || p->labels_dtype == DType::kInt64 ||
+                        (sparse && p->labels_dtype == DType::kUInt8);
+  if (sparse != id_dtype) {
+    return sparse ? std::string("sparse `labels` (class ids) must be uint8, int32 or int64, got ") +
+                        DTypeName(p->labels_dtype)
+                  : std::string("`labels` of dtype ") + DTypeName(p->labels_dtype) +
+                        " are class ids: their shape must be the logits' without the class axis";
+  }
+  if (options.has_ignore_index && !sparse) {
+    return "`ignore_index` needs sparse integer `labels` (class ids)";
+  }
+  if (softmax && pos_weight.rank != 0) {
+    return "`pos_weight` has no meaning with activation='softmax' (use class_weights)";
+  }
+  if (softmax && options.focal.alpha >= 0.0f) {
+    return "`focal_alpha` has no meaning with activation='softmax' (use class_weights)";
+  }
+  p->activation = options.activation;
+  p->sparse_labels = sparse;
+  p->has_ignore_index = options.has_ignore_index;
+  p->ignore_index = options.ignore_index;
+  p->focal = options.focal;
+  const bool squared = options.squared;
   p->shape.channels_last = channels_last;
   p->shape.batch = logits.dims[0];
   p->shape.classes = logits.dims[class_axis];

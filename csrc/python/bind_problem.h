@@ -24,9 +24,11 @@ inline DType DTypeOfArray(const py::array& a, const char* arg) {
   const bool labels = std::string(arg) == "labels";
   if (labels && name == "uint8") return DType::kUInt8;
   if (labels && name == "bool") return DType::kBool;
+  if (labels && name == "int32") return DType::kInt32;
+  if (labels && name == "int64") return DType::kInt64;
   throw py::value_error(std::string("`") + arg + "` has unsupported dtype " + name +
                         "; expected float16, bfloat16, float32 or float64" +
-                        (labels ? ", uint8 or bool" : ""));
+                        (labels ? ", uint8, bool, int32 or int64" : ""));
 }
 
 // C-contiguous and in native byte order (the kernels read raw memory). An already
@@ -51,12 +53,11 @@ inline fused_segloss::OperandView ViewOf(const py::array& a, std::vector<int64_t
   return {a.data(), dims->data(), static_cast<int>(a.ndim())};
 }
 
-// weights: None or the canonical rank-3 view; pos_weight: None or [C]; focal: the focal
-// options (focal_alpha < 0: none), checked with the shapes.
+// weights: None or the canonical rank-3 view; pos_weight: None or [C]; options: the
+// attributes (data format, squared, activation, ignore_index, focal), checked with the shapes.
 inline BoundProblem BindProblem(const py::object& logits, const py::object& labels,
                                 const py::object& weights, const py::object& pos_weight,
-                                bool channels_last, bool squared,
-                                fused_segloss::FocalOptions focal = {}) {
+                                const fused_segloss::ProblemOptions& options) {
   using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
   BoundProblem b;
   b.logits = Contiguous(logits);
@@ -69,10 +70,30 @@ inline BoundProblem BindProblem(const py::object& logits, const py::object& labe
   p.labels_dtype = DTypeOfArray(b.labels, "labels");
   const std::string error = fused_segloss::ProblemFromOperands(
       ViewOf(b.logits, &b.dims[0]), ViewOf(b.labels, &b.dims[1]), ViewOf(b.weights, &b.dims[2]),
-      ViewOf(b.pos_weight, &b.dims[3]), channels_last, squared, &p);
+      ViewOf(b.pos_weight, &b.dims[3]), options, &p);
   if (!error.empty()) throw py::value_error(error);
-  p.focal = focal;
   return b;
+}
+
+// ProblemOptions from the keyword arguments of the module functions (focal_alpha < 0: none;
+// ignore_index None: no ignored id).
+inline fused_segloss::ProblemOptions OptionsFromArgs(bool channels_last, bool squared,
+                                                     float focal_gamma, float focal_alpha,
+                                                     const std::string& activation,
+                                                     const py::object& ignore_index) {
+  fused_segloss::ProblemOptions o;
+  o.channels_last = channels_last;
+  o.squared = squared;
+  o.focal.gamma = focal_gamma;
+  o.focal.alpha = focal_alpha;
+  if (activation == "softmax") {
+    o.activation = fused_segloss::Activation::kSoftmax;
+  } else if (activation != "sigmoid") {
+    throw py::value_error("`activation` must be 'sigmoid' or 'softmax', got " + activation);
+  }
+  o.has_ignore_index = !ignore_index.is_none();
+  if (o.has_ignore_index) o.ignore_index = ignore_index.cast<int64_t>();
+  return o;
 }
 
 }  // namespace fused_segloss_py

@@ -16,6 +16,7 @@
 
 namespace py = pybind11;
 using fused_segloss_py::BindProblem;
+using fused_segloss_py::OptionsFromArgs;
 using fused_segloss_py::BoundProblem;
 
 namespace {
@@ -38,9 +39,11 @@ fused_segloss::ParallelFor ThreadedFor(int threads) {
 py::array_t<float> Stats(const py::object& logits, const py::object& labels,
                          const py::object& weights, const py::object& pos_weight,
                          bool channels_last, bool squared, int threads, float focal_gamma,
-                         float focal_alpha) {
-  BoundProblem b = BindProblem(logits, labels, weights, pos_weight, channels_last, squared,
-                               {focal_gamma, focal_alpha});
+                         float focal_alpha, const std::string& activation,
+                         const py::object& ignore_index) {
+  BoundProblem b = BindProblem(logits, labels, weights, pos_weight,
+                               OptionsFromArgs(channels_last, squared, focal_gamma, focal_alpha,
+                                               activation, ignore_index));
   py::array_t<float> out({b.problem.shape.batch, b.problem.shape.classes, int64_t{8}});
   std::string error;
   {
@@ -54,9 +57,11 @@ py::array_t<float> Stats(const py::object& logits, const py::object& labels,
 py::array LogitGrad(const py::object& logits, const py::object& labels,
                     const py::object& weights, const py::object& pos_weight,
                     const py::object& grad_stats_obj, bool channels_last, bool squared,
-                    int threads, float focal_gamma, float focal_alpha) {
-  BoundProblem b = BindProblem(logits, labels, weights, pos_weight, channels_last, squared,
-                               {focal_gamma, focal_alpha});
+                    int threads, float focal_gamma, float focal_alpha,
+                    const std::string& activation, const py::object& ignore_index) {
+  BoundProblem b = BindProblem(logits, labels, weights, pos_weight,
+                               OptionsFromArgs(channels_last, squared, focal_gamma, focal_alpha,
+                                               activation, ignore_index));
   py::array_t<float, py::array::c_style | py::array::forcecast> grad_stats(grad_stats_obj);
   if (grad_stats.ndim() != 3 || grad_stats.shape(0) != b.problem.shape.batch ||
       grad_stats.shape(1) != b.problem.shape.classes || grad_stats.shape(2) != 8) {
@@ -84,12 +89,14 @@ PYBIND11_MODULE(_core, m) {
   m.def("stats", &Stats, py::arg("logits"), py::arg("labels"), py::arg("weights") = py::none(),
         py::arg("pos_weight") = py::none(), py::arg("channels_last") = true,
         py::arg("squared") = false, py::arg("threads") = 1, py::arg("focal_gamma") = 0.0f,
-        py::arg("focal_alpha") = -1.0f,
+        py::arg("focal_alpha") = -1.0f, py::arg("activation") = "sigmoid",
+        py::arg("ignore_index") = py::none(),
         "[B, C, 8] float32 statistics; weights in the canonical rank-3 view.");
   m.def("logit_grad", &LogitGrad, py::arg("logits"), py::arg("labels"),
         py::arg("weights") = py::none(), py::arg("pos_weight") = py::none(),
         py::arg("grad_stats"), py::arg("channels_last") = true, py::arg("squared") = false,
         py::arg("threads") = 1, py::arg("focal_gamma") = 0.0f, py::arg("focal_alpha") = -1.0f,
+        py::arg("activation") = "sigmoid", py::arg("ignore_index") = py::none(),
         "dL/dlogits in the logits' dtype.");
   m.def("work_plan", [](int64_t batch, int64_t positions, int64_t classes, bool channels_last) {
     fused_segloss::ProblemShape s{batch, positions, classes, channels_last};

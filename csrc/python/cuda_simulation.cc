@@ -49,10 +49,8 @@ namespace fc = fused_segloss::cuda;
 // The shared NumPy binding, plus the CUDA launcher's own shape check.
 fused_segloss_py::BoundProblem Bind(const py::object& logits, const py::object& labels,
                                     const py::object& weights, const py::object& pos_weight,
-                                    bool channels_last, bool squared,
-                                    fused_segloss::FocalOptions focal) {
-  auto b = fused_segloss_py::BindProblem(logits, labels, weights, pos_weight, channels_last,
-                                         squared, focal);
+                                    const fused_segloss::ProblemOptions& options) {
+  auto b = fused_segloss_py::BindProblem(logits, labels, weights, pos_weight, options);
   const std::string error = fc::CheckLaunchProblem(b.problem);
   if (!error.empty()) throw py::value_error(error);
   return b;
@@ -146,9 +144,11 @@ void CheckAlignment() {
 py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& labels,
                                    const py::object& weights, const py::object& pos_weight,
                                    bool channels_last, bool squared, bool vector_loads,
-                                   float focal_gamma, float focal_alpha) {
-  auto b = Bind(logits, labels, weights, pos_weight, channels_last, squared,
-                {focal_gamma, focal_alpha});
+                                   float focal_gamma, float focal_alpha,
+                                   const std::string& activation, const py::object& ignore_index) {
+  auto b = Bind(logits, labels, weights, pos_weight,
+                fused_segloss_py::OptionsFromArgs(channels_last, squared, focal_gamma,
+                                                  focal_alpha, activation, ignore_index));
   const SeglossProblem& p = b.problem;
   py::array_t<float> out({p.shape.batch, p.shape.classes, int64_t{8}});
   float* stats = out.mutable_data();
@@ -172,9 +172,11 @@ py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& l
 py::array SimulateGradPy(const py::object& logits, const py::object& labels,
                          const py::object& weights, const py::object& pos_weight,
                          const py::object& grad_stats_obj, bool channels_last, bool squared,
-                         bool vector_loads, float focal_gamma, float focal_alpha) {
-  auto b = Bind(logits, labels, weights, pos_weight, channels_last, squared,
-                {focal_gamma, focal_alpha});
+                         bool vector_loads, float focal_gamma, float focal_alpha,
+                         const std::string& activation, const py::object& ignore_index) {
+  auto b = Bind(logits, labels, weights, pos_weight,
+                fused_segloss_py::OptionsFromArgs(channels_last, squared, focal_gamma,
+                                                  focal_alpha, activation, ignore_index));
   const SeglossProblem& p = b.problem;
   py::array_t<float, py::array::c_style | py::array::forcecast> grad_stats(grad_stats_obj);
   if (grad_stats.ndim() != 3 || grad_stats.shape(0) != p.shape.batch ||
@@ -233,13 +235,15 @@ void RegisterCudaSimulation(py::module_& m) {
         py::arg("weights") = py::none(), py::arg("pos_weight") = py::none(),
         py::arg("channels_last") = true, py::arg("squared") = false,
         py::arg("vector_loads") = true, py::arg("focal_gamma") = 0.0f,
-        py::arg("focal_alpha") = -1.0f,
+        py::arg("focal_alpha") = -1.0f, py::arg("activation") = "sigmoid",
+        py::arg("ignore_index") = py::none(),
         "The CUDA forward launch simulated on the host: [B, C, 8] float32.");
   m.def("simulate_cuda_grad", &SimulateGradPy, py::arg("logits"), py::arg("labels"),
         py::arg("weights") = py::none(), py::arg("pos_weight") = py::none(),
         py::arg("grad_stats"), py::arg("channels_last") = true, py::arg("squared") = false,
         py::arg("vector_loads") = true, py::arg("focal_gamma") = 0.0f,
-        py::arg("focal_alpha") = -1.0f,
+        py::arg("focal_alpha") = -1.0f, py::arg("activation") = "sigmoid",
+        py::arg("ignore_index") = py::none(),
         "The CUDA gradient launch simulated on the host: dL/dlogits in the logits' dtype.");
   m.def("cuda_launch_plan", &LaunchPlanPy, py::arg("batch"), py::arg("positions"),
         py::arg("classes"), py::arg("channels_last") = true,

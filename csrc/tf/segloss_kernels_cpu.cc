@@ -35,7 +35,7 @@ class StatsCpuOp : public SeglossKernelBase {
   using SeglossKernelBase::SeglossKernelBase;
   void Compute(OpKernelContext* ctx) override {
     fused_segloss::SeglossProblem problem;
-    OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, channels_last_, squared_, focal_, &problem));
+    OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, options_, &problem));
     Tensor* stats = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             0, {problem.shape.batch, problem.shape.classes, 8}, &stats));
@@ -51,7 +51,7 @@ class StatsGradCpuOp : public SeglossKernelBase {
   void Compute(OpKernelContext* ctx) override {
     constexpr const char* kName = "FusedSeglossStatsGrad: ";
     fused_segloss::SeglossProblem problem;
-    OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, channels_last_, squared_, focal_, &problem));
+    OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, options_, &problem));
     const Tensor& grad_stats = ctx->input(4);
     const TensorDims grad_dims(grad_stats);
     const std::string shape_error =

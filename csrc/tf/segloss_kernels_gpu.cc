@@ -51,7 +51,7 @@ class StatsGpuOp : public SeglossKernelBase {
   void Compute(OpKernelContext* ctx) override {
     constexpr const char* kOp = "FusedSeglossStats";
     fused_segloss::SeglossProblem problem;
-    OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, channels_last_, squared_, focal_, &problem));
+    OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, options_, &problem));
     Tensor* stats = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(
                             0, {problem.shape.batch, problem.shape.classes, 8}, &stats));
@@ -75,7 +75,7 @@ class StatsGradGpuOp : public SeglossKernelBase {
   void Compute(OpKernelContext* ctx) override {
     constexpr const char* kOp = "FusedSeglossStatsGrad";
     fused_segloss::SeglossProblem problem;
-    OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, channels_last_, squared_, focal_, &problem));
+    OP_REQUIRES_OK(ctx, ProblemFromInputs(ctx, options_, &problem));
     const Tensor& grad_stats = ctx->input(4);
     const TensorDims grad_dims(grad_stats);
     const std::string shape_error =

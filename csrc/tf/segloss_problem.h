@@ -34,6 +34,8 @@ inline absl::Status ToCoreDType(tensorflow::DataType dtype, const char* arg,
     case tensorflow::DT_BFLOAT16: *out = DType::kBFloat16; return absl::OkStatus();
     case tensorflow::DT_UINT8: *out = DType::kUInt8; return absl::OkStatus();
     case tensorflow::DT_BOOL: *out = DType::kBool; return absl::OkStatus();
+    case tensorflow::DT_INT32: *out = DType::kInt32; return absl::OkStatus();
+    case tensorflow::DT_INT64: *out = DType::kInt64; return absl::OkStatus();
     default: break;
   }
   return InvalidArgument("FusedSegloss: unsupported dtype for `", arg, "`: ",
@@ -49,8 +51,8 @@ struct TensorDims {
   int rank;
 };
 
-inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool channels_last,
-                                      bool squared, const fused_segloss::FocalOptions& focal,
+inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx,
+                                      const fused_segloss::ProblemOptions& options,
                                       fused_segloss::SeglossProblem* p) {
   const tensorflow::Tensor* inputs[4] = {&ctx->input(0), &ctx->input(1), &ctx->input(2),
                                          &ctx->input(3)};
@@ -67,9 +69,8 @@ inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool cha
   TF_RETURN_IF_ERROR(ToCoreDType(inputs[0]->dtype(), "logits", &p->logits_dtype));
   TF_RETURN_IF_ERROR(ToCoreDType(inputs[1]->dtype(), "labels", &p->labels_dtype));
   const std::string error = fused_segloss::ProblemFromOperands(
-      views[0], views[1], views[2], views[3], channels_last, squared, p);
+      views[0], views[1], views[2], views[3], options, p);
   if (!error.empty()) return InvalidArgument("FusedSegloss: ", error);
-  p->focal = focal;
   return absl::OkStatus();
 }
 
@@ -77,18 +78,21 @@ inline absl::Status ProblemFromInputs(tensorflow::OpKernelContext* ctx, bool cha
 class SeglossKernelBase : public tensorflow::OpKernel {
  public:
   explicit SeglossKernelBase(tensorflow::OpKernelConstruction* c) : tensorflow::OpKernel(c) {
-    std::string data_format;
+    std::string data_format, activation;
     OP_REQUIRES_OK(c, c->GetAttr("data_format", &data_format));
-    OP_REQUIRES_OK(c, c->GetAttr("squared", &squared_));
-    OP_REQUIRES_OK(c, c->GetAttr("focal_gamma", &focal_.gamma));
-    OP_REQUIRES_OK(c, c->GetAttr("focal_alpha", &focal_.alpha));
-    channels_last_ = data_format == "channels_last";
+    OP_REQUIRES_OK(c, c->GetAttr("squared", &options_.squared));
+    OP_REQUIRES_OK(c, c->GetAttr("focal_gamma", &options_.focal.gamma));
+    OP_REQUIRES_OK(c, c->GetAttr("focal_alpha", &options_.focal.alpha));
+    OP_REQUIRES_OK(c, c->GetAttr("activation", &activation));
+    OP_REQUIRES_OK(c, c->GetAttr("has_ignore_index", &options_.has_ignore_index));
+    OP_REQUIRES_OK(c, c->GetAttr("ignore_index", &options_.ignore_index));
+    options_.channels_last = data_format == "channels_last";
+    options_.activation = activation == "softmax" ? fused_segloss::Activation::kSoftmax
+                                                  : fused_segloss::Activation::kSigmoid;
   }
 
  protected:
-  bool channels_last_ = true;
-  bool squared_ = false;
-  fused_segloss::FocalOptions focal_;
+  fused_segloss::ProblemOptions options_;
 };
 
 }  // namespace fused_segloss_tf

@@ -71,11 +71,13 @@ std::string ProblemFromBuffers(const ffi::AnyBuffer& logits, const ffi::AnyBuffe
                                       static_cast<int>(dims.size())};
   };
   p->check_numerics = check_numerics;
-  const std::string error = fused_segloss::ProblemFromOperands(
-      view(logits), view(labels), view(weights), view(pos_weight), channels_last, squared, p);
-  p->focal.gamma = focal_gamma;
-  p->focal.alpha = focal_alpha;
-  return error;
+  fused_segloss::ProblemOptions options;
+  options.channels_last = channels_last;
+  options.squared = squared;
+  options.focal.gamma = focal_gamma;
+  options.focal.alpha = focal_alpha;
+  return fused_segloss::ProblemFromOperands(view(logits), view(labels), view(weights),
+                                            view(pos_weight), options, p);
 }
 
 std::string CheckGradStats(const SeglossProblem& p, ffi::AnyBuffer::Dimensions g) {
