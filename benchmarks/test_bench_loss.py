@@ -42,15 +42,15 @@ def inputs():
 
 @pytest.fixture(scope="module")
 def reference_gradient(inputs):
-    return loss.make_step("reference (tf.function)", SHAPE.data_format)(*inputs)[1].numpy()
+    return loss.make_step("reference (tf.function)", SHAPE)(*inputs)[1].numpy()
 
 
 @pytest.mark.benchmark(group=GROUP)
-@pytest.mark.parametrize("label", list(loss.PATHS))
+@pytest.mark.parametrize("label", SHAPE.paths())
 def test_loss_forward_backward(benchmark, label, inputs, reference_gradient):
     if label == loss.FUSED and not fused_segloss.fused_available():
         pytest.skip("the compiled library is not loaded")
-    step = loss.make_step(label, SHAPE.data_format)
+    step = loss.make_step(label, SHAPE)
     step(*inputs)  # trace and compile outside the timed rounds
     value, grad = benchmark(step, *inputs)
 
@@ -62,8 +62,8 @@ def test_loss_forward_backward(benchmark, label, inputs, reference_gradient):
 
 @pytest.mark.benchmark(group=GROUP)
 def test_bytes_moved_floor(benchmark):
-    floor = loss.Floor(SHAPE.elements)
+    floor = loss.Floor(SHAPE.bytes_moved)
     benchmark(floor)
     np.testing.assert_array_equal(floor.dst, floor.src)
-    assert floor.src.nbytes * 2 == SHAPE.elements * loss.BYTES_PER_ELEMENT
+    assert floor.src.nbytes * 2 == SHAPE.bytes_moved
     floor.pool.shutdown()

@@ -17,7 +17,7 @@ from fused_segloss import bench
 from fused_segloss.bench import e2e, loss, memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOSS_ROWS = list(loss.PATHS) + [loss.FLOOR]
+LOSS_ROWS = loss.Shape(1, 8, 2).paths() + [loss.FLOOR]  # no focal: no plain-fused row
 needs_library = pytest.mark.skipif(not fsl.fused_available(), reason="library not loaded")
 
 
@@ -49,34 +49,50 @@ def test_options_quick_defaults_and_errors():
             bench.parse_args(bad)
 
 
-@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_hand_written_loss_is_seg_loss(data_format):
-    logits, labels = loss.make_inputs(loss.Shape(2, 16, 3, data_format))
-    expected = fsl.seg_loss(logits, labels, data_format=data_format, implementation="reference")
-    assert float(loss.plain_bce_dice(logits, labels, data_format)) == pytest.approx(
+# The bench's losses: sigmoid and softmax, plain and focal, both layouts.
+LOSSES = [("channels_last", "sigmoid", 0.0), ("channels_first", "sigmoid", 0.0),
+          ("channels_last", "sigmoid", 2.0), ("channels_last", "softmax", 0.0),
+          ("channels_first", "softmax", 0.0), ("channels_last", "softmax", 2.0)]
+
+
+@pytest.mark.parametrize("data_format,activation,gamma", LOSSES)
+def test_hand_written_loss_is_seg_loss(data_format, activation, gamma):
+    shape = loss.Shape(2, 16, 3, data_format, activation, gamma)
+    logits, labels = loss.make_inputs(shape)
+    assert labels.dtype == (tf.uint8 if activation == "softmax" else tf.float32)
+    expected = fsl.seg_loss(logits, labels, implementation="reference",
+                            **loss.fused_options(shape))
+    assert float(loss.plain_loss(logits, labels, shape)) == pytest.approx(
         float(expected), rel=1e-5)
 
 
-@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_every_path_gives_the_same_loss_and_gradient(data_format):
-    shape = loss.Shape(2, 8, 3, data_format)
+@pytest.mark.parametrize("data_format,activation,gamma", LOSSES)
+def test_every_path_gives_the_same_loss_and_gradient(data_format, activation, gamma):
+    shape = loss.Shape(2, 8, 3, data_format, activation, gamma)
     inputs = loss.make_inputs(shape)
-    reference = loss.make_step("reference (tf.function)", data_format)(*inputs)
-    for label in loss.PATHS:
-        if label == loss.FUSED and not fsl.fused_available():
+    reference = loss.make_step("reference (tf.function)", shape)(*inputs)
+    assert (loss.FUSED_PLAIN in shape.paths()) == (gamma != 0)
+    for label in shape.paths():
+        if label in (loss.FUSED, loss.FUSED_PLAIN) and not fsl.fused_available():
             continue
-        value, grad = loss.make_step(label, data_format)(*inputs)
-        assert value == pytest.approx(reference[0], rel=1e-5), label
+        value, grad = loss.make_step(label, shape)(*inputs)
         assert grad.shape == shape.logits_shape() and grad.dtype == tf.float32
+        if label == loss.FUSED_PLAIN:  # the plain loss: not the focal one
+            assert value != pytest.approx(reference[0], rel=1e-3)
+            continue
+        assert value == pytest.approx(reference[0], rel=1e-5), label
         np.testing.assert_allclose(grad.numpy(), reference[1].numpy(), atol=1e-7, rtol=1e-4)
 
 
-def test_floor_copies_the_bytes_the_fused_passes_move():
-    floor = loss.Floor(1000)
+@pytest.mark.parametrize("activation,per_element", [("sigmoid", 20), ("softmax", 12 + 2 / 3)])
+def test_floor_copies_the_bytes_the_fused_passes_move(activation, per_element):
+    shape = loss.Shape(2, 10, 3, activation=activation)
+    assert shape.bytes_moved == pytest.approx(shape.elements * per_element)
+    floor = loss.Floor(shape.bytes_moved)
     floor()
     floor.pool.shutdown()
     np.testing.assert_array_equal(floor.dst, floor.src)
-    assert 2 * floor.src.nbytes == 1000 * loss.BYTES_PER_ELEMENT  # read + written
+    assert 2 * floor.src.nbytes == shape.bytes_moved  # read + written
 
 
 def test_measure_interleaves_every_row_in_the_same_rounds():
@@ -88,7 +104,7 @@ def test_measure_interleaves_every_row_in_the_same_rounds():
     assert "unavailable" in rows[loss.FUSED]["note"] and "median_ms" not in rows[loss.FUSED]
     for label in LOSS_ROWS[1:]:
         assert 0 < rows[label]["min_ms"] <= rows[label]["median_ms"]
-    assert rows[loss.FLOOR]["bytes_moved"] == shape.elements * loss.BYTES_PER_ELEMENT
+    assert rows[loss.FLOOR]["bytes_moved"] == shape.bytes_moved
 
 
 def test_table_marks_missing_values_and_appends_notes():
@@ -106,7 +122,7 @@ def test_memory_probe_measures_the_gradient_and_the_temporaries():
     """At 2x256x256x3 (1.5 MB of logits) every path allocates at least its gradient;
     the reference also materialises several logits-sized temporaries."""
     shape = loss.Shape(2, 256, 3)
-    probes = {label: memory.measure(label, shape) for label in loss.PATHS
+    probes = {label: memory.measure(label, shape) for label in shape.paths()
               if label != loss.FUSED or fsl.fused_available()}
     for label, probe in probes.items():
         assert "error" not in probe, (label, probe)
@@ -149,7 +165,7 @@ def test_quick_run_json_has_every_measurement(quick_run):
     rows = result["loss"]["rows"]
     assert list(rows) == LOSS_ROWS and result["loss"]["rounds"] == 3
     assert result["loss"]["losses_agree"] is True
-    for label in loss.PATHS:
+    for label in LOSS_ROWS[:-1]:
         r = rows[label]
         assert r["median_ms"] > 0 and r["vs_fused"] == pytest.approx(
             r["median_ms"] / rows[loss.FUSED]["median_ms"])
@@ -188,6 +204,6 @@ def test_pytest_benchmark_suite_runs_small(tmp_path):
     assert "seg_loss fwd+bwd 8x16x16x5 float32" in stdout
     data = json.loads(json_path.read_text())
     names = {b["name"] for b in data["benchmarks"]}
-    assert names >= {f"test_loss_forward_backward[{label}]" for label in list(loss.PATHS)[1:]}
+    assert names >= {f"test_loss_forward_backward[{label}]" for label in LOSS_ROWS[1:-1]}
     assert "test_bytes_moved_floor" in names
     assert all(b["stats"]["rounds"] >= 2 for b in data["benchmarks"])

@@ -60,6 +60,22 @@ def test_synthetic_data_is_multi_label_with_a_rare_class():
     np.testing.assert_array_equal(again[0], images)  # reproducible from the seed
 
 
+def test_multiclass_data_is_one_class_per_pixel_with_an_ignored_region():
+    images, ids = data.draw_batch(np.random.default_rng(3), 200, 64, "multiclass")
+    assert images.shape == (200, 64, 64, 3) and ids.shape == (200, 64, 64) and ids.dtype == np.uint8
+    assert set(np.unique(ids)) == set(range(len(data.MULTICLASS_NAMES))) | {data.IGNORE_ID}
+    labelled = ids != data.IGNORE_ID
+    for seed in range(10):  # the same drawing as multi-label masks: the top-most class wins
+        _, one = data.draw_multiclass_image(np.random.default_rng(seed), 64)
+        _, masks = data.draw_image(np.random.default_rng(seed), 64)
+        top = np.where(masks.any(-1), 4 - np.argmax(masks[..., ::-1], axis=-1) + 1, 0)
+        keep = one != data.IGNORE_ID
+        np.testing.assert_array_equal(one[keep], top[keep])
+    assert 0.01 < (~labelled).mean() < 0.1 and 0.1 < (~labelled).any(axis=(1, 2)).mean() < 0.9
+    spot = data.MULTICLASS_NAMES.index("spot")
+    assert 0 < (ids == spot).mean() < 0.002
+
+
 def test_unet_is_the_seed_architecture():
     from fused_segloss.demo.unet import build_unet
 
@@ -92,26 +108,35 @@ def test_demo_arguments():
     args = parse_args(["--quick", "--out", "o"])
     assert (args.size, args.steps, args.run_indices, args.out) == (32, 6, [0, 1], "o")
     assert parse_args(["--runs", "5,1", "--verbose", "0"]).run_indices == [0, 4]
-    for bad in (["--runs", "9"], ["--runs", "a"], ["--size", "40"], ["--steps", "2", "--epochs", "4"]):
+    multiclass = parse_args(["--task", "multiclass"])
+    assert multiclass.run_indices == [0, 1, 2, 3] and multiclass.class_names[0] == "background"
+    assert multiclass.task_options == {"activation": "softmax", "ignore_index": 255}
+    for bad in (["--runs", "9"], ["--runs", "a"], ["--size", "40"], ["--steps", "2", "--epochs", "4"],
+                ["--task", "multiclass", "--runs", "5"], ["--task", "binary"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path):
+@pytest.mark.parametrize("task,names,png_name", [
+    ("multilabel", data.CLASS_NAMES, "per_class_curves.png"),
+    ("multiclass", data.MULTICLASS_NAMES, "per_class_curves_multiclass.png")])
+def test_quick_demo_end_to_end(tmp_path, task, names, png_name):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "fused_segloss", "demo", "--quick", "--out",
-                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run([sys.executable, "-m", "fused_segloss", "demo", "--quick", "--task",
+                           task, "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     out = proc.stdout
-    png = tmp_path / "per_class_curves.png"
+    png = tmp_path / png_name
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert f"per-class curves: {png}" in out
-    tables = re.findall(r"class +pixels +CE +soft Dice +IoU +share of loss\n((?:.+\n){6})", out)
+    tables = re.findall(r"class +pixels +CE +soft Dice +IoU +share of loss\n((?:.+\n){%d})"
+                        % (len(names) + 1), out)
     assert len(tables) == 2  # the quick mode's two runs
     for table in tables:
         rows = table.splitlines()
-        assert [r.split()[0] for r in rows] == list(data.CLASS_NAMES) + ["total"]
+        assert [r.split()[0] for r in rows] == list(names) + ["total"]
         shares = [float(r.split()[-1].rstrip("%")) for r in rows[:-1]]
         assert abs(sum(shares) - 100.0) < 0.3
         for row in rows[:-1]:

@@ -1,10 +1,12 @@
 """Does fused_segloss pay off on this machine, for these shapes?
 
     python -m fused_segloss bench --batch 8 --size 512 --classes 5
+    python -m fused_segloss bench --activation softmax --classes 21   # uint8 class ids
+    python -m fused_segloss bench --focal-gamma 2                      # focal CE
     python -m fused_segloss bench --quick          # tiny shapes: checks the tooling (CI)
 
 Two sections. "loss" (loss.py) times forward+backward of the fused loss, a hand-written
-TF BCE + Dice (tf.function and XLA), the pure-TF reference and a bytes-moved floor,
+TF CE + Dice (tf.function and XLA), the pure-TF reference and a bytes-moved floor,
 interleaved in the same rounds, and measures each path's peak extra memory in a fresh
 process (memory.py). "e2e" (e2e.py) times Keras `model.fit` steps of the demo U-Net with
 SegLoss, the hand-written loss and a trivial loss, one process each, interleaved block by
@@ -39,6 +41,10 @@ def parse_args(argv):
     p.add_argument("--classes", type=int, help="classes (5)")
     p.add_argument("--channels", default="channels_last",
                    choices=("channels_last", "channels_first"), help="data_format of logits")
+    p.add_argument("--activation", default="sigmoid", choices=("sigmoid", "softmax"),
+                   help="sigmoid: float32 0/1 labels; softmax: uint8 class ids")
+    p.add_argument("--focal-gamma", type=float, default=0.0,
+                   help="focal cross-entropy exponent (0: plain CE)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated, from {','.join(SECTIONS)}")
     p.add_argument("--out", metavar="FILE.json", help="also write every number as JSON")
@@ -98,7 +104,8 @@ def main(argv=None):
     m = machine()
     print(m["line"], flush=True)
     result, tables = {"machine": m, "config": vars(args)}, []
-    shape = loss.Shape(args.batch, args.size, args.classes, args.channels)
+    shape = loss.Shape(args.batch, args.size, args.classes, args.channels, args.activation,
+                       args.focal_gamma)
     if "loss" in args.sections:
         log(f"loss section: timing every path in the same rounds, {shape}")
         rows, rounds = loss.measure(shape, args.rounds, args.budget_s,
@@ -116,17 +123,20 @@ def main(argv=None):
                 r["note"] = f"  memory probe failed: {r['error']}" if "error" in r else ""
             r["vs_fused"] = r["median_ms"] / fused_ms if fused_ms and "median_ms" in r else None
             r["peak_extra_mb"] = r["peak_extra_bytes"] / MB if "peak_extra_bytes" in r else None
-        floor, losses = rows[loss.FLOOR], [r["loss"] for r in rows.values() if "loss" in r]
+        floor = rows[loss.FLOOR]
+        losses = [r["loss"] for label, r in rows.items() if "loss" in r and label != loss.FUSED_PLAIN]
         result["loss"] = {"shape": shape._asdict(), "rounds": rounds, "rows": rows,
                           "losses_agree": max(losses) - min(losses) < 1e-3 * max(losses)}
         tables.append(table(
             f"Loss, forward+backward (loss and dLoss/dlogits), {args.batch}x{args.size}x"
-            f"{args.size}x{args.classes} {args.channels} float32: median of {rounds} "
-            "interleaved rounds", "path",
+            f"{args.size}x{args.classes} {args.channels} float32 logits, {args.activation} ("
+            f"{'uint8 class ids' if args.activation == 'softmax' else 'float32 labels'})"
+            f"{f', focal_gamma={args.focal_gamma:g}' if args.focal_gamma else ''}: median of "
+            f"{rounds} interleaved rounds", "path",
             [("time ms", ".2f", "median_ms"), ("x fused", ".2f", "vs_fused"),
              ("peak extra MB", ".1f", "peak_extra_mb"), ("x logits", ".2f", "x_logits")],
             rows) + f"\n(floor: a copy reading + writing {floor['bytes_moved'] / MB:.1f} MB, "
-            f"the {loss.BYTES_PER_ELEMENT} B/element the fused passes must move, at "
+            f"the bytes the fused passes must move, at "
             f"{floor['bytes_moved'] / floor['median_ms'] / 1e6:.1f} GB/s)"
             + ("" if result["loss"]["losses_agree"] else f"\nWARNING: losses differ: {losses}"))
     if workers:
@@ -143,7 +153,9 @@ def main(argv=None):
         result["e2e"] = {"shape": e2e_shape._asdict(), "warmup": args.warmup, "rows": rows}
         tables.append(table(
             f"End to end, Keras model.fit of the demo U-Net, batch {args.e2e_batch}, "
-            f"{args.size}x{args.size}, {args.classes} classes, {args.channels}, jit_compile="
+            f"{args.size}x{args.size}, {args.classes} classes, {args.activation}"
+            f"{f' focal_gamma={args.focal_gamma:g}' if args.focal_gamma else ''}, "
+            f"{args.channels}, jit_compile="
             f"{jit or '?'} (Keras default \"auto\": no XLA on CPU): median step after "
             f"{args.warmup} warm-up", "config",
             [("step ms", ".1f", "step_ms"), ("IQR ms", ".1f", "iqr_ms"), ("steps", "d", "steps"),

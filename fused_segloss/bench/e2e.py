@@ -1,7 +1,7 @@
 """End-to-end section: Keras `model.fit` steps of the demo U-Net with three losses.
 
-Configs: fsl.keras.SegLoss(); the hand-written TF BCE + Dice (loss.plain_bce_dice) as a
-Keras loss; a trivial loss (the mean of the logits), whose step is the model's own cost.
+Configs: fsl.keras.SegLoss() (with the shape's activation and focal_gamma); the
+hand-written TF CE + Dice (loss.plain_loss) as a Keras loss; a trivial loss (the mean of the logits), whose step is the model's own cost.
 Each config lives in its own process, so its peak RSS (VmHWM when it exits) is its own.
 Keras' defaults: Adam, jit_compile="auto" (no XLA on CPU; the resolved value is reported).
 Data: one fixed random batch, repeated by tf.data. With channels_first, a Permute layer
@@ -62,11 +62,11 @@ def _serve(config, shape, warmup):
     import fused_segloss as fsl
 
     from ..demo.unet import build_unet
-    from .loss import make_inputs, plain_bce_dice
+    from .loss import fused_options, make_inputs, plain_loss
 
     fmt = shape.data_format
-    losses = {SEGLOSS: lambda: fsl.keras.SegLoss(data_format=fmt),
-              PLAIN: lambda: lambda y_true, y_pred: plain_bce_dice(y_pred, y_true, fmt),
+    losses = {SEGLOSS: lambda: fsl.keras.SegLoss(**fused_options(shape)),
+              PLAIN: lambda: lambda y_true, y_pred: plain_loss(y_pred, y_true, shape),
               TRIVIAL: lambda: lambda y_true, y_pred: tf.reduce_mean(y_pred)}
     keras.utils.set_random_seed(0)
     model = build_unet(shape.size, shape.classes)

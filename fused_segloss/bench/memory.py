@@ -71,7 +71,7 @@ def _probe(label, shape):
     from . import loss
 
     inputs = loss.make_inputs(shape)
-    step = loss.make_step(label, shape.data_format)
+    step = loss.make_step(label, shape)
     step(*inputs), step(*inputs)
     gc.collect()
     try:

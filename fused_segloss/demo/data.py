@@ -1,9 +1,12 @@
-"""Synthetic multi-label segmentation images, drawn on the fly.
+"""Synthetic segmentation images, drawn on the fly, in two tasks.
 
-Five classes, each an independent sigmoid channel; shapes overlap, so a pixel can carry
-several labels, and the image adds the classes' colours where they overlap. "spot" is the
-deliberately rare class: tiny dots in about one image in five (under 0.1 % of pixels), the
-situation where a small total loss hides a class nobody predicts.
+multilabel: five classes, each an independent sigmoid channel; shapes overlap, so a pixel
+can carry several labels, and the image adds the classes' colours where they overlap.
+multiclass: the same drawings with one class per pixel (a shape painted later covers the
+ones below it; "background" where nothing is), as uint8 class ids, plus an unannotated
+rectangle in about half the images, labelled IGNORE_ID (a softmax loss's ignore_index).
+"spot" is the deliberately rare class: tiny dots in about one image in five (under 0.1 % of
+pixels), the situation where a small total loss hides a class nobody predicts.
 """
 import numpy as np
 
@@ -15,6 +18,8 @@ _COLOURS = np.array([[0.9, 0.25, 0.2],   # disc
                      [0.75, 0.7, 0.1],   # ring
                      [0.85, 0.85, 0.85]], np.float32)  # spot
 SPOT_PROBABILITY = 0.2
+MULTICLASS_NAMES = ("background",) + CLASS_NAMES
+IGNORE_ID = 255
 
 
 def _disc(yy, xx, cy, cx, radius):
@@ -54,13 +59,27 @@ def draw_image(rng, size):
     return image, np.moveaxis(masks, 0, -1).astype(np.float32)
 
 
-def draw_batch(rng, batch, size):
-    pairs = [draw_image(rng, size) for _ in range(batch)]
+def draw_multiclass_image(rng, size):
+    """One (image [S, S, 3] float32, class ids [S, S] uint8) pair: 0 is background, class k
+    of CLASS_NAMES is k + 1 (the last one painted wins), IGNORE_ID unannotated."""
+    image, masks = draw_image(rng, size)
+    ids = np.zeros((size, size), np.uint8)
+    for klass in range(masks.shape[-1]):  # painting order: spots end on top
+        ids[masks[..., klass] > 0] = klass + 1
+    if rng.random() < 0.5:
+        y0, x0 = rng.integers(0, size - size // 4, 2)
+        ids[y0:y0 + size // 4, x0:x0 + size // 4] = IGNORE_ID
+    return image, ids
+
+
+def draw_batch(rng, batch, size, task="multilabel"):
+    draw = draw_multiclass_image if task == "multiclass" else draw_image
+    pairs = [draw(rng, size) for _ in range(batch)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def batches(seed, batch, size):
+def batches(seed, batch, size, task="multilabel"):
     """An endless generator of (images, labels) batches for model.fit."""
     rng = np.random.default_rng(seed)
     while True:
-        yield draw_batch(rng, batch, size)
+        yield draw_batch(rng, batch, size, task)

@@ -8,12 +8,15 @@ def class_breakdown(stats, **combine_options):
     """Per-class terms of the loss, from `combine` itself, with each class's share.
 
     Returns a dict of [C] arrays: ce, dice, iou, pixels (label share of the weighted
-    pixels), contribution (what the class adds to the total; they sum to `total`), and
-    the scalar total.
+    pixels: of the class's own elements with sigmoid, of all labelled pixels with softmax,
+    where weight_sum is each class's labelled weight), contribution (what the class adds
+    to the total; they sum to `total`), and the scalar total.
     """
     result = combine(stats, **combine_options)
     totals = np.asarray(stats, np.float64).sum(axis=0)
     weight = totals[:, Column.WEIGHT_SUM]
+    if combine_options.get("activation") == "softmax":
+        weight = np.full_like(weight, weight.sum())
     pixels = np.divide(totals[:, Column.HARD_LABEL], weight, out=np.zeros_like(weight),
                        where=weight > 0)
     return {"ce": result.ce_per_class.numpy(), "dice": result.dice_per_class.numpy(),
