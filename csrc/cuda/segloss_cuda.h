@@ -1,6 +1,7 @@
 // TF-free launcher API of the fused_segloss CUDA kernels: the [B, C, 8] statistics
 // (LaunchStats) and their gradient with respect to the logits (LaunchLogitGrad), with the
-// same operands, per-element math (segloss_math.h) and error messages as the CPU kernels.
+// same operands, per-element math (segloss_math.h; segloss_softmax_math.h for
+// activation = softmax, dense or sparse labels) and error messages as the CPU kernels.
 //
 // Callers: the TF DEVICE_GPU OpKernels (csrc/tf/segloss_kernels_gpu.cc), the XLA "CUDA"
 // FFI handlers (csrc/tf/segloss_xla_ffi.cc) and the standalone library used by
@@ -25,7 +26,8 @@ namespace cuda {
 enum Status : int {
   kOk = 0,
   kInvalidArgument = 1,  // shapes, dtypes, pointers or workspace size (message names it)
-  kInvalidValues = 2,    // labels outside [0, 1] or weights negative / inf / NaN
+  kInvalidValues = 2,    // labels outside [0, 1], class ids outside [0, C) (and not
+                         // ignore_index), or weights negative / inf / NaN
   kCudaError = 3,        // a CUDA runtime call or kernel launch failed
 };
 
@@ -43,7 +45,7 @@ struct StatsOptions {
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   // Count invalid labels / weights on the device (like the CPU kernel) and report them
-  // as kInvalidValues. This copies two counters back and SYNCHRONISES THE STREAM once
+  // as kInvalidValues. This copies four counters back and SYNCHRONISES THE STREAM once
   // per call; with false the launch is fully asynchronous and invalid values silently
   // yield meaningless (but finite-or-NaN, never out-of-bounds) statistics.
   bool check_values = true;

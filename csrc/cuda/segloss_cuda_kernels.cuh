@@ -1,13 +1,15 @@
 // The CUDA kernels: __global__ wrappers around the per-thread work of
-// segloss_cuda_thread.h (forward statistics into per-block partial records; gradient
-// elements), the typed launchers, and the one device-only piece, the intra-block reduction
-// (a shared-memory tree). The per-element math is segloss_math.h's. Included by the
-// per-dtype instantiation files segloss_cuda_<dtype>.cu; no TF headers.
+// segloss_cuda_thread.h (sigmoid) and segloss_cuda_softmax.h (softmax): forward
+// statistics into per-block partial records, gradient elements; the typed launchers; and
+// the one device-only piece, the intra-block reduction (a shared-memory tree). The
+// per-element math is segloss_math.h's. Included by the per-dtype instantiation files
+// segloss_cuda_<dtype>.cu; no TF headers.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "segloss_cuda_launch.h"
+#include "segloss_cuda_softmax.h"
 #include "segloss_cuda_thread.h"
 
 namespace fused_segloss {
@@ -41,6 +43,15 @@ __device__ void BlockReduceLanes(const Compute acc[kSlots][kNumStats], int threa
 __device__ inline void AddCounts(const ValueCounts& counts, unsigned long long* counters) {
   if (counts.labels != 0) atomicAdd(&counters[0], static_cast<unsigned long long>(counts.labels));
   if (counts.weights != 0) atomicAdd(&counters[1], static_cast<unsigned long long>(counts.weights));
+}
+
+// Invalid class ids: the count joins the labels counter; the extremes (EncodeIdMin/Max)
+// go to counters 2 and 3 (integer atomics: the result does not depend on their order).
+__device__ inline void AddClassIdCounts(const ClassIdCounts& ids, unsigned long long* counters) {
+  if (ids.count == 0) return;
+  atomicAdd(&counters[0], static_cast<unsigned long long>(ids.count));
+  atomicMax(&counters[2], EncodeIdMin(ids.min));
+  atomicMax(&counters[3], EncodeIdMax(ids.max));
 }
 
 // Minimum resident blocks per SM requested from ptxas for the forward kernel (1: let it
@@ -83,6 +94,62 @@ __global__ void __launch_bounds__(kMaxThreadsFloat)
   }
 }
 
+// Softmax forward (segloss_cuda_softmax.h): the thread's pixels, then one block
+// reduction per round of kSlots classes. The barrier after each round's record writes
+// keeps the next round's StoreLanes from overwriting sums still being read.
+template <typename LogitT, typename LabelT, bool kSparse>
+__global__ void __launch_bounds__(kMaxThreadsFloat)
+    SoftmaxStatsKernel(LaunchPlan plan, KernelProblem p, double* partials,
+                       unsigned long long* counters) {
+  using Compute = typename ComputeTypeOf<LogitT>::type;
+  __shared__ Compute smem[kSlots * kNumStats * MaxThreadsOf<Compute>::value];
+  const int64_t block = blockIdx.x;
+  const int thread = threadIdx.x;
+  SoftmaxThreadPixels<Compute> pixels;
+  {
+    ClassIdCounts ids;
+    SoftmaxPixelsThread<LogitT, LabelT, kSparse>(plan, p, block, thread, pixels, ids);
+    AddClassIdCounts(ids, counters);
+  }
+  Compute acc[kSlots][kNumStats];
+  for (int64_t tile = 0; tile < plan.class_tiles; ++tile) {
+    ValueCounts counts;  // flushed every round: nothing but acc and pixels stays live
+    SoftmaxTileThread<LogitT, LabelT, kSparse>(plan, p, pixels, tile, acc, counts);
+    AddCounts(counts, counters);  // (atomics only where a value was invalid)
+    BlockReduceLanes(acc, plan.threads, 1, smem);
+    for (int index = thread; index < kSoftmaxRecordValues; index += plan.threads) {
+      WriteSoftmaxPartial(plan, p.shape, block, tile, smem, plan.threads, index, partials);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename LogitT, typename LabelT, bool kSparse>
+__global__ void __launch_bounds__(kMaxThreadsFloat)
+    SoftmaxGradKernel(LaunchPlan plan, KernelProblem p, const float* grad_stats, LogitT* out) {
+  SoftmaxGradThread<LogitT, LabelT, kSparse>(plan, p, grad_stats, blockIdx.x, threadIdx.x, out);
+}
+
+template <typename LogitT, typename LabelT, bool kSparse>
+int LaunchSoftmaxStatsKernel(const LaunchPlan& plan, const KernelProblem& p, double* partials,
+                             unsigned long long* counters, cudaStream_t stream) {
+  if (plan.num_blocks == 0) return cudaSuccess;
+  SoftmaxStatsKernel<LogitT, LabelT, kSparse>
+      <<<static_cast<unsigned>(plan.num_blocks), plan.threads, 0, stream>>>(plan, p, partials,
+                                                                            counters);
+  return cudaGetLastError();
+}
+
+template <typename LogitT, typename LabelT, bool kSparse>
+int LaunchSoftmaxGradKernel(const LaunchPlan& plan, const KernelProblem& p,
+                            const float* grad_stats, void* out, cudaStream_t stream) {
+  if (plan.num_blocks == 0) return cudaSuccess;
+  SoftmaxGradKernel<LogitT, LabelT, kSparse>
+      <<<static_cast<unsigned>(plan.num_blocks), plan.threads, 0, stream>>>(
+          plan, p, grad_stats, static_cast<LogitT*>(out));
+  return cudaGetLastError();
+}
+
 // Launches the forward kernel for one (logits, labels) dtype pair; returns a cudaError_t.
 template <typename LogitT, typename LabelT>
 int LaunchStatsKernel(const LaunchPlan& plan, const KernelProblem& p, bool squared,
@@ -118,8 +185,20 @@ int LaunchGradKernel(const LaunchPlan& plan, const KernelProblem& p, bool square
                                                  cudaStream_t);                            \
   template int LaunchGradKernel<LogitT, LabelT>(const LaunchPlan&, const KernelProblem&,   \
                                                 bool, const float*, void*, cudaStream_t);
-#define FSL_CUDA_INSTANTIATE_FOR_LOGITS(LogitT) \
-  FSL_FOR_EACH_LABEL_TYPE(FSL_CUDA_INSTANTIATE_PAIR, LogitT)
+// Softmax: dense labels (kSparse false, every labels type) and class ids (kSparse true).
+#define FSL_CUDA_INSTANTIATE_SOFTMAX(LabelT, LogitT, kSparse)                              \
+  template int LaunchSoftmaxStatsKernel<LogitT, LabelT, kSparse>(                          \
+      const LaunchPlan&, const KernelProblem&, double*, unsigned long long*, cudaStream_t); \
+  template int LaunchSoftmaxGradKernel<LogitT, LabelT, kSparse>(                           \
+      const LaunchPlan&, const KernelProblem&, const float*, void*, cudaStream_t);
+#define FSL_CUDA_INSTANTIATE_SOFTMAX_DENSE(LabelT, LogitT) \
+  FSL_CUDA_INSTANTIATE_SOFTMAX(LabelT, LogitT, false)
+#define FSL_CUDA_INSTANTIATE_SOFTMAX_SPARSE(IdT, LogitT) \
+  FSL_CUDA_INSTANTIATE_SOFTMAX(IdT, LogitT, true)
+#define FSL_CUDA_INSTANTIATE_FOR_LOGITS(LogitT)                         \
+  FSL_FOR_EACH_LABEL_TYPE(FSL_CUDA_INSTANTIATE_PAIR, LogitT)            \
+  FSL_FOR_EACH_LABEL_TYPE(FSL_CUDA_INSTANTIATE_SOFTMAX_DENSE, LogitT)   \
+  FSL_FOR_EACH_CLASS_ID_TYPE(FSL_CUDA_INSTANTIATE_SOFTMAX_SPARSE, LogitT)
 
 }  // namespace cuda
 }  // namespace fused_segloss

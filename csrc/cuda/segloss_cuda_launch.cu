@@ -1,6 +1,7 @@
 // The TF-free launchers of segloss_cuda.h: argument checks, the launch plan, scratch
-// memory, dtype dispatch to the typed kernels (DispatchDTypes, dtypes.h), the second stage
-// of the forward reduction (CombineKernel), and the value check of the forward pass.
+// memory, dispatch to the typed kernels (on the activation and the dtypes: DispatchDTypes,
+// or DispatchClassIdDTypes for sparse softmax labels, dtypes.h), the second stage of the
+// forward reduction (CombineKernel), and the value check of the forward pass.
 //
 // Operands: a SeglossProblem of device pointers (segloss_cuda.h); the forward writes
 // stats [B, C, 8] after summing the blocks' float64 partial records in a fixed order, the
@@ -9,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "segloss_cuda.h"
 #include "segloss_cuda_launch.h"
@@ -69,8 +71,33 @@ class ScopedStreamDevice {
   bool restore_ = false;
 };
 
-// Workspace: two uint64 counters (invalid labels, invalid weights), then the partials.
-constexpr size_t kCountersBytes = 16;
+// Workspace: four uint64 counters (invalid labels or class ids, invalid weights, the
+// smallest and the largest invalid id as EncodeIdMin/Max), then the partials.
+constexpr int kCounters = 4;
+constexpr size_t kCountersBytes = kCounters * sizeof(unsigned long long);
+
+// Calls fn(LogitT{}, LabelT{}, std::bool_constant<kSparse>{}) for the problem's dtypes
+// (class-id types when its labels are sparse); -1 for an unsupported pair.
+template <typename Fn>
+int DispatchProblem(const SeglossProblem& p, Fn&& fn) {
+  if (p.sparse_labels) {
+    return DispatchClassIdDTypes<int>(p.logits_dtype, p.labels_dtype, -1, [&](auto x, auto z) {
+      return fn(x, z, std::true_type{});
+    });
+  }
+  return DispatchDTypes<int>(p.logits_dtype, p.labels_dtype, -1, [&](auto x, auto z) {
+    return fn(x, z, std::false_type{});
+  });
+}
+
+// The message for the counters of a forward pass ("" when every value was valid).
+std::string CountersMessage(const SeglossProblem& p, const unsigned long long counts[kCounters]) {
+  if (p.sparse_labels && counts[0] != 0) {
+    return InvalidClassIdsMessage(p, static_cast<int64_t>(counts[0]), DecodeIdMin(counts[2]),
+                                  DecodeIdMax(counts[3]));
+  }
+  return InvalidValuesMessage(static_cast<int64_t>(counts[0]), static_cast<int64_t>(counts[1]));
+}
 
 // The second stage of the forward reduction: one thread per (b, c, column) of the
 // [B, C, 8] output, summing the row's chunk records in chunk order.
@@ -107,7 +134,7 @@ const char* ErrorMessage(int code) {
 }
 
 size_t StatsWorkspaceBytes(const SeglossProblem& problem) {
-  const LaunchPlan plan = MakeLaunchPlan(problem.shape, MaxThreadsFor(problem.logits_dtype));
+  const LaunchPlan plan = PlanForProblem(problem);
   return kCountersBytes + static_cast<size_t>(plan.partial_records) * kNumStats * sizeof(double);
 }
 
@@ -129,8 +156,9 @@ int LaunchStats(const SeglossProblem& problem, float* stats_out, void* stream_pt
   }
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   ScopedStreamDevice device(stream);
-  const LaunchPlan plan = MakeLaunchPlan(s, MaxThreadsFor(problem.logits_dtype));
+  const LaunchPlan plan = PlanForProblem(problem);
   const KernelProblem kp = MakeKernelProblem(problem, nullptr);
+  const bool softmax = problem.activation == Activation::kSoftmax;
 
   void* workspace = options.workspace;
   cudaError_t status = cudaSuccess;
@@ -143,16 +171,22 @@ int LaunchStats(const SeglossProblem& problem, float* stats_out, void* stream_pt
   status = cudaMemsetAsync(counters, 0, kCountersBytes, stream);
   int launch = status;
   if (status == cudaSuccess) {
-    launch = DispatchDTypes<int>(problem.logits_dtype, problem.labels_dtype, -1,
-                                 [&](auto logit_tag, auto label_tag) {
-                                   using LogitT = decltype(logit_tag);
-                                   using LabelT = decltype(label_tag);
-                                   return LaunchStatsKernel<LogitT, LabelT>(
-                                       plan, kp, problem.squared, partials, counters, stream);
-                                 });
+    launch = DispatchProblem(problem, [&](auto logit_tag, auto label_tag, auto sparse) {
+      using LogitT = decltype(logit_tag);
+      using LabelT = decltype(label_tag);
+      if constexpr (decltype(sparse)::value) {  // only softmax has sparse labels
+        return LaunchSoftmaxStatsKernel<LogitT, LabelT, true>(plan, kp, partials, counters,
+                                                              stream);
+      } else {
+        return softmax ? LaunchSoftmaxStatsKernel<LogitT, LabelT, false>(plan, kp, partials,
+                                                                         counters, stream)
+                       : LaunchStatsKernel<LogitT, LabelT>(plan, kp, problem.squared, partials,
+                                                           counters, stream);
+      }
+    });
   }
   if (launch == cudaSuccess) launch = LaunchCombineKernel(plan, s, partials, stats_out, stream);
-  unsigned long long host_counts[2] = {0, 0};
+  unsigned long long host_counts[kCounters] = {0, 0, 0, 0};
   if (launch == cudaSuccess && options.check_values) {
     launch = cudaMemcpyAsync(host_counts, counters, sizeof(host_counts), cudaMemcpyDeviceToHost,
                              stream);
@@ -163,8 +197,7 @@ int LaunchStats(const SeglossProblem& problem, float* stats_out, void* stream_pt
     return Fail(kInvalidArgument, "fused_segloss CUDA: unsupported logits/labels dtype pair");
   }
   if (launch != cudaSuccess) return CudaFail("the statistics kernels", static_cast<cudaError_t>(launch));
-  error = InvalidValuesMessage(static_cast<int64_t>(host_counts[0]),
-                               static_cast<int64_t>(host_counts[1]));
+  error = CountersMessage(problem, host_counts);
   if (!error.empty()) return Fail(kInvalidValues, error);
   return kOk;
 }
@@ -182,15 +215,22 @@ int LaunchLogitGrad(const SeglossProblem& problem, const float* grad_stats,
   }
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   ScopedStreamDevice device(stream);
-  const LaunchPlan plan = MakeLaunchPlan(s, MaxThreadsFor(problem.logits_dtype));
+  const LaunchPlan plan = PlanForProblem(problem);
   const KernelProblem kp = MakeKernelProblem(problem, grad_logits_out);
-  const int launch = DispatchDTypes<int>(
-      problem.logits_dtype, problem.labels_dtype, -1, [&](auto logit_tag, auto label_tag) {
-        using LogitT = decltype(logit_tag);
-        using LabelT = decltype(label_tag);
-        return LaunchGradKernel<LogitT, LabelT>(plan, kp, problem.squared, grad_stats,
-                                                grad_logits_out, stream);
-      });
+  const bool softmax = problem.activation == Activation::kSoftmax;
+  const int launch = DispatchProblem(problem, [&](auto logit_tag, auto label_tag, auto sparse) {
+    using LogitT = decltype(logit_tag);
+    using LabelT = decltype(label_tag);
+    if constexpr (decltype(sparse)::value) {
+      return LaunchSoftmaxGradKernel<LogitT, LabelT, true>(plan, kp, grad_stats,
+                                                           grad_logits_out, stream);
+    } else {
+      return softmax ? LaunchSoftmaxGradKernel<LogitT, LabelT, false>(plan, kp, grad_stats,
+                                                                      grad_logits_out, stream)
+                     : LaunchGradKernel<LogitT, LabelT>(plan, kp, problem.squared, grad_stats,
+                                                        grad_logits_out, stream);
+    }
+  });
   if (launch == -1) {
     return Fail(kInvalidArgument, "fused_segloss CUDA: unsupported logits/labels dtype pair");
   }

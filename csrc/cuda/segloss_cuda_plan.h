@@ -28,6 +28,10 @@
 //   class tile·threads + t and walks the chunk's positions (coalesced: neighbouring
 //   threads read neighbouring classes). No reduction: each thread's sums are partials.
 //
+//   Softmax mode (activation = softmax, either layout): a block takes a chunk of
+//   `threads`·kSoftmaxPixelsPerThread positions of one image; thread t owns the pixels
+//   chunk start + i·threads + t and all their classes (segloss_cuda_softmax.h).
+//
 // Two-stage reduction, deterministic: each block writes float64 partial records (8 per
 // class it covers) at fixed indices; the combine kernel sums, for each (b, c, column),
 // the records of the row's chunks in chunk order. No floating-point atomics.
@@ -47,7 +51,9 @@ constexpr int64_t kColumnPositions = 64;   // positions per column-mode block
 constexpr int kMaxThreadsFloat = 256;      // threads·32 accumulators·sizeof(Compute)
 constexpr int kMaxThreadsDouble = 128;     //   = 32 KiB of shared memory for the tree
 
-enum PlanMode : int { kSpanMode = 0, kColumnMode = 1 };
+enum PlanMode : int { kSpanMode = 0, kColumnMode = 1, kSoftmaxMode = 2 };
+
+constexpr int kSoftmaxPixelsPerThread = 3;  // pixels whose normalisers a thread keeps
 
 // One launch's geometry, computed on the host, passed to the kernels by value.
 struct LaunchPlan {
@@ -59,7 +65,7 @@ struct LaunchPlan {
   int64_t row_length = 0;   // span mode: elements per row; column mode: positions N
   int64_t chunk_length = 0; // span mode: elements per block; column mode: positions
   int64_t chunks_per_row = 0;
-  int64_t class_tiles = 1;  // column mode: ceil(C / threads)
+  int64_t class_tiles = 1;  // column mode: ceil(C / threads); softmax: ceil(C / kSlots)
   int64_t num_blocks = 0;   // rows · class_tiles · chunks_per_row
   int64_t partial_records = 0;  // B · C · chunks_per_row records of 8 doubles
 };
@@ -88,16 +94,21 @@ FSL_HD int MaxThreadsFor(DType logits_dtype) {
 
 // The plan for one problem shape (a pure function of the shape and the compute type:
 // the same on every GPU, so results do not depend on the device's SM count).
-inline LaunchPlan MakeLaunchPlan(const ProblemShape& shape, int max_threads) {
-  LaunchPlan plan;
-  // Total for any input (callers may ask for the workspace size before validating):
-  // negative sizes count as 0 and C = 0 as 1, which gives an empty launch.
+// Plans are total for any input (callers may ask for the workspace size before
+// validating): negative sizes count as 0 and C = 0 as 1, which gives an empty launch.
+inline ProblemShape PlannableShape(const ProblemShape& shape) {
   ProblemShape s = shape;
   if (s.batch < 0 || s.positions < 0 || s.classes <= 0) {
     s.batch = s.batch < 0 || s.classes <= 0 ? 0 : s.batch;
     s.positions = s.positions < 0 ? 0 : s.positions;
     s.classes = s.classes <= 0 ? 1 : s.classes;
   }
+  return s;
+}
+
+inline LaunchPlan MakeLaunchPlan(const ProblemShape& shape, int max_threads) {
+  LaunchPlan plan;
+  const ProblemShape s = PlannableShape(shape);
   const int64_t q = s.channels_last ? s.classes / Gcd(s.classes, kSlots) : 1;
   plan.rows = s.channels_last ? s.batch : s.batch * s.classes;
   if (q <= max_threads) {
@@ -125,6 +136,27 @@ inline LaunchPlan MakeLaunchPlan(const ProblemShape& shape, int max_threads) {
   return plan;
 }
 
+// The softmax plan (both layouts): rows are images, a block covers a chunk of
+// threads·kSoftmaxPixelsPerThread positions and, in rounds of kSlots classes
+// (class_tiles), every class. Records are indexed by PartialIndex like the other modes,
+// so the second stage is the same.
+inline LaunchPlan MakeSoftmaxLaunchPlan(const ProblemShape& shape, int max_threads) {
+  LaunchPlan plan;
+  const ProblemShape s = PlannableShape(shape);
+  plan.mode = kSoftmaxMode;
+  plan.threads = max_threads;
+  plan.thread_period = 1;
+  plan.lanes = 0;
+  plan.rows = s.batch;
+  plan.row_length = s.positions;
+  plan.chunk_length = static_cast<int64_t>(kSoftmaxPixelsPerThread) * max_threads;
+  plan.chunks_per_row = CeilDiv(plan.row_length, plan.chunk_length);
+  plan.class_tiles = CeilDiv(s.classes, kSlots);
+  plan.num_blocks = plan.rows * plan.chunks_per_row;
+  plan.partial_records = s.batch * s.classes * plan.chunks_per_row;
+  return plan;
+}
+
 // The kernels' view of a problem: shape, type-erased device pointers, weight strides.
 struct KernelProblem {
   ProblemShape shape;
@@ -135,6 +167,10 @@ struct KernelProblem {
   const float* pos_weight = nullptr;
   FocalOptions focal;         // the focal modulation of ce_sum (plain ce by default)
   bool vector_loads = false;  // pointers aligned for whole-group loads/stores
+  // Softmax mode (the sigmoid kernels take `squared` as a template argument instead).
+  bool squared = false;
+  bool has_ignore_index = false;
+  int64_t ignore_index = 0;
 };
 
 // Invalid values seen by one thread (labels outside [0, 1], bad weights).
@@ -142,6 +178,25 @@ struct ValueCounts {
   int64_t labels = 0;
   int64_t weights = 0;
 };
+
+// Invalid sparse class ids seen by one thread: how many, the smallest and the largest.
+struct ClassIdCounts {
+  int64_t count = 0;
+  int64_t min = 0;
+  int64_t max = 0;
+};
+
+// The launch keeps the extremes in two uint64 counters that start at 0 and only grow
+// (atomicMax): int64 order mapped to uint64 order by flipping the sign bit, and the
+// minimum stored complemented (so its largest code is the smallest id).
+FSL_HD unsigned long long EncodeIdMax(int64_t id) {
+  return static_cast<unsigned long long>(id) ^ 0x8000000000000000ull;
+}
+FSL_HD unsigned long long EncodeIdMin(int64_t id) { return ~EncodeIdMax(id); }
+FSL_HD int64_t DecodeIdMax(unsigned long long code) {
+  return static_cast<int64_t>(code ^ 0x8000000000000000ull);
+}
+FSL_HD int64_t DecodeIdMin(unsigned long long code) { return DecodeIdMax(~code); }
 
 // Index of the partial record of (image b, class c, chunk) in the workspace.
 FSL_HD int64_t PartialIndex(const LaunchPlan& plan, const ProblemShape& s, int64_t b,

@@ -1,6 +1,8 @@
 // The per-thread work of the CUDA kernels, as __host__ __device__ functions: the group
 // loads and stores, each thread's forward sums and its steps of the block reduction, the
 // blocks' partial records and their combination, and each thread's gradient elements.
+// (Sigmoid mode; softmax mode's per-thread work is segloss_cuda_softmax.h, which reuses
+// the block reduction's steps and the second stage from here.)
 //
 // Operands: a LaunchPlan and a KernelProblem (segloss_cuda_plan.h: which elements a
 // (block, thread) covers); grad_stats = dL/dstats [B, C, 8] for the gradient. The

@@ -2,7 +2,8 @@
 // the gradient a CUDA launch would compute, with the same operands as the CPU kernels
 // (NumPy arrays bound by bind_problem.h) and the same per-element math (segloss_math.h).
 //
-// Runs the kernels' own __host__ __device__ code (csrc/cuda/segloss_cuda_thread.h) for
+// Runs the kernels' own __host__ __device__ code (csrc/cuda/segloss_cuda_thread.h, and
+// segloss_cuda_softmax.h for activation="softmax", dense or sparse labels) for
 // every (block, thread) of the launch that the CUDA launcher would make, on NumPy
 // arrays, with the host compiler (no CUDA needed). The only things not executed as on
 // the device are the barriers of the intra-block reduction: the host runs each tree
@@ -10,13 +11,16 @@
 // overlap its reads. Then the second stage (CombineStat) runs for every output.
 //
 //   simulate_cuda_stats(logits, labels, weights=None, pos_weight=None, channels_last=True,
-//                       squared=False, vector_loads=True, focal_gamma=0, focal_alpha=-1)
+//                       squared=False, vector_loads=True, focal_gamma=0, focal_alpha=-1,
+//                       activation="sigmoid", ignore_index=None)
 //                                                                     -> [B, C, 8] float32
 //   simulate_cuda_grad(logits, labels, weights=None, pos_weight=None, grad_stats=...,
 //                      channels_last=True, squared=False, vector_loads=True, focal_gamma=0,
-//                      focal_alpha=-1)                                -> like logits
+//                      focal_alpha=-1, activation="sigmoid", ignore_index=None)
+//                                                                     -> like logits
 // (focal_alpha < 0: no alpha; the focal options as the TF op's attributes)
-//   cuda_launch_plan(batch, positions, classes, channels_last=True, logits_dtype="float32")
+//   cuda_launch_plan(batch, positions, classes, channels_last=True, logits_dtype="float32",
+//                    activation="sigmoid")
 //
 // vector_loads=False forces the masked scalar path everywhere (the launcher chooses
 // vector loads when the pointers are aligned; the simulation follows the same rule
@@ -29,6 +33,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "bind_problem.h"
@@ -36,6 +41,7 @@
 #include "segloss_cpu.h"
 #include "segloss_cuda_plan.h"
 #include "segloss_cuda_problem.h"
+#include "segloss_cuda_softmax.h"
 #include "segloss_cuda_thread.h"
 
 namespace py = pybind11;
@@ -115,6 +121,94 @@ std::string SimulateStats(const SeglossProblem& p, bool vector_loads, float* sta
   return "";
 }
 
+// The softmax forward launch (SoftmaxStatsKernel in segloss_cuda_kernels.cuh): every
+// thread's pixels, then per class round every thread's sums, the tree, the records.
+template <typename LogitT, typename LabelT, bool kSparse>
+std::string SimulateSoftmaxStats(const SeglossProblem& p, float* stats) {
+  using Compute = typename fused_segloss::ComputeTypeOf<LogitT>::type;
+  constexpr int kStats = fused_segloss::kNumStats;
+  const fc::LaunchPlan plan = fc::PlanForProblem(p);
+  const fc::KernelProblem kp = fc::MakeKernelProblem(p, nullptr);
+  std::vector<double> partials(plan.partial_records * kStats,
+                               std::numeric_limits<double>::quiet_NaN());
+  std::vector<Compute> smem(static_cast<size_t>(fc::kSlots) * kStats * plan.threads);
+  std::vector<fc::SoftmaxThreadPixels<Compute>> pixels(plan.threads);
+  std::vector<fc::ValueCounts> counts(plan.threads);
+  fc::ClassIdCounts ids_total;
+  Compute acc[fc::kSlots][kStats];
+  for (int64_t block = 0; block < plan.num_blocks; ++block) {
+    for (int t = 0; t < plan.threads; ++t) {
+      fc::ClassIdCounts ids;
+      fc::SoftmaxPixelsThread<LogitT, LabelT, kSparse>(plan, kp, block, t, pixels[t], ids);
+      if (ids.count == 0) continue;  // the device's AddClassIdCounts
+      ids_total.min = ids_total.count == 0 || ids.min < ids_total.min ? ids.min : ids_total.min;
+      ids_total.max = ids_total.count == 0 || ids.max > ids_total.max ? ids.max : ids_total.max;
+      ids_total.count += ids.count;
+    }
+    for (int64_t tile = 0; tile < plan.class_tiles; ++tile) {
+      for (int t = 0; t < plan.threads; ++t) {
+        fc::SoftmaxTileThread<LogitT, LabelT, kSparse>(plan, kp, pixels[t], tile, acc,
+                                                       counts[t]);
+        fc::StoreLanes(acc, plan.threads, t, smem.data());
+      }
+      for (int stride = plan.threads / 2; stride >= 1; stride /= 2) {
+        for (int t = 0; t < plan.threads; ++t) fc::TreeStep(plan.threads, stride, t, smem.data());
+      }
+      for (int t = 0; t < plan.threads; ++t) {
+        for (int index = t; index < fc::kSoftmaxRecordValues; index += plan.threads) {
+          fc::WriteSoftmaxPartial(plan, p.shape, block, tile, smem.data(), plan.threads, index,
+                                  partials.data());
+        }
+      }
+    }
+  }
+  fc::ValueCounts total;
+  for (const fc::ValueCounts& c : counts) {
+    total.labels += c.labels;
+    total.weights += c.weights;
+  }
+  std::string error = fused_segloss::InvalidClassIdsMessage(p, ids_total.count, ids_total.min,
+                                                            ids_total.max);
+  if (error.empty()) error = fused_segloss::InvalidValuesMessage(total.labels, total.weights);
+  if (!error.empty()) return error;
+  const fused_segloss::ProblemShape& s = p.shape;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t c = 0; c < s.classes; ++c) {
+      for (int k = 0; k < kStats; ++k) {
+        stats[(b * s.classes + c) * kStats + k] =
+            fc::CombineStat(plan, s, partials.data(), b, c, k);
+      }
+    }
+  }
+  return "";
+}
+
+template <typename LogitT, typename LabelT, bool kSparse>
+void SimulateSoftmaxGrad(const SeglossProblem& p, const float* grad_stats, void* out) {
+  const fc::LaunchPlan plan = fc::PlanForProblem(p);
+  const fc::KernelProblem kp = fc::MakeKernelProblem(p, out);
+  for (int64_t block = 0; block < plan.num_blocks; ++block) {
+    for (int t = 0; t < plan.threads; ++t) {
+      fc::SoftmaxGradThread<LogitT, LabelT, kSparse>(plan, kp, grad_stats, block, t,
+                                                     static_cast<LogitT*>(out));
+    }
+  }
+}
+
+// Runs fn(LogitT{}, LabelT{}, std::bool_constant<kSparse>{}) for the problem's dtypes, as
+// the launcher dispatches (class-id types for sparse labels).
+template <typename Result, typename Fn>
+Result DispatchProblem(const SeglossProblem& p, Result unsupported, Fn&& fn) {
+  if (p.sparse_labels) {
+    return fused_segloss::DispatchClassIdDTypes<Result>(
+        p.logits_dtype, p.labels_dtype, unsupported,
+        [&](auto x, auto z) { return fn(x, z, std::true_type{}); });
+  }
+  return fused_segloss::DispatchDTypes<Result>(
+      p.logits_dtype, p.labels_dtype, unsupported,
+      [&](auto x, auto z) { return fn(x, z, std::false_type{}); });
+}
+
 template <typename LogitT, typename LabelT, bool kSquared>
 void SimulateGrad(const SeglossProblem& p, bool vector_loads, const float* grad_stats,
                   void* out) {
@@ -156,12 +250,18 @@ py::array_t<float> SimulateStatsPy(const py::object& logits, const py::object& l
   fc::HostMisalignedGroupAccesses() = 0;
   {
     py::gil_scoped_release release;
-    error = fused_segloss::DispatchDTypes<std::string>(
-        p.logits_dtype, p.labels_dtype, "unsupported dtypes", [&](auto logit_tag, auto label_tag) {
+    const bool softmax = p.activation == fused_segloss::Activation::kSoftmax;
+    error = DispatchProblem<std::string>(
+        p, "unsupported dtypes", [&](auto logit_tag, auto label_tag, auto sparse) {
           using LogitT = decltype(logit_tag);
           using LabelT = decltype(label_tag);
-          return p.squared ? SimulateStats<LogitT, LabelT, true>(p, vector_loads, stats)
-                           : SimulateStats<LogitT, LabelT, false>(p, vector_loads, stats);
+          if constexpr (decltype(sparse)::value) {
+            return SimulateSoftmaxStats<LogitT, LabelT, true>(p, stats);
+          } else {
+            if (softmax) return SimulateSoftmaxStats<LogitT, LabelT, false>(p, stats);
+            return p.squared ? SimulateStats<LogitT, LabelT, true>(p, vector_loads, stats)
+                             : SimulateStats<LogitT, LabelT, false>(p, vector_loads, stats);
+          }
         });
   }
   if (!error.empty()) throw py::value_error(error);
@@ -190,11 +290,15 @@ py::array SimulateGradPy(const py::object& logits, const py::object& labels,
   fc::HostMisalignedGroupAccesses() = 0;
   {
     py::gil_scoped_release release;
-    fused_segloss::DispatchDTypes<int>(
-        p.logits_dtype, p.labels_dtype, 0, [&](auto logit_tag, auto label_tag) {
+    const bool softmax = p.activation == fused_segloss::Activation::kSoftmax;
+    DispatchProblem<int>(p, 0, [&](auto logit_tag, auto label_tag, auto sparse) {
           using LogitT = decltype(logit_tag);
           using LabelT = decltype(label_tag);
-          if (p.squared) {
+          if constexpr (decltype(sparse)::value) {
+            SimulateSoftmaxGrad<LogitT, LabelT, true>(p, g, out_data);
+          } else if (softmax) {
+            SimulateSoftmaxGrad<LogitT, LabelT, false>(p, g, out_data);
+          } else if (p.squared) {
             SimulateGrad<LogitT, LabelT, true>(p, vector_loads, g, out_data);
           } else {
             SimulateGrad<LogitT, LabelT, false>(p, vector_loads, g, out_data);
@@ -207,13 +311,17 @@ py::array SimulateGradPy(const py::object& logits, const py::object& labels,
 }
 
 py::dict LaunchPlanPy(int64_t batch, int64_t positions, int64_t classes, bool channels_last,
-                      const std::string& logits_dtype) {
-  const fused_segloss::ProblemShape shape{batch, positions, classes, channels_last};
-  const fc::LaunchPlan plan =
-      fc::MakeLaunchPlan(shape, fc::MaxThreadsFor(fused_segloss_py::DTypeOfArray(
-          py::array(py::module_::import("numpy").attr("empty")(0, logits_dtype)), "logits")));
+                      const std::string& logits_dtype, const std::string& activation) {
+  SeglossProblem p;
+  p.shape = fused_segloss::ProblemShape{batch, positions, classes, channels_last};
+  p.logits_dtype = fused_segloss_py::DTypeOfArray(
+      py::array(py::module_::import("numpy").attr("empty")(0, logits_dtype)), "logits");
+  p.activation = fused_segloss_py::OptionsFromArgs(channels_last, false, 0.0f, -1.0f,
+                                                   activation, py::none()).activation;
+  const fc::LaunchPlan plan = fc::PlanForProblem(p);
   py::dict d;
-  d["mode"] = plan.mode == fc::kSpanMode ? "span" : "column";
+  d["mode"] = plan.mode == fc::kSpanMode ? "span" : plan.mode == fc::kColumnMode ? "column"
+                                                                                  : "softmax";
   d["threads"] = plan.threads;
   d["thread_period"] = plan.thread_period;
   d["lanes"] = plan.lanes;
@@ -247,5 +355,6 @@ void RegisterCudaSimulation(py::module_& m) {
         "The CUDA gradient launch simulated on the host: dL/dlogits in the logits' dtype.");
   m.def("cuda_launch_plan", &LaunchPlanPy, py::arg("batch"), py::arg("positions"),
         py::arg("classes"), py::arg("channels_last") = true,
-        py::arg("logits_dtype") = "float32", "The CUDA launch geometry for a problem shape.");
+        py::arg("logits_dtype") = "float32", py::arg("activation") = "sigmoid",
+        "The CUDA launch geometry for a problem shape.");
 }

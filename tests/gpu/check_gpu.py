@@ -9,6 +9,10 @@ library with tests/gpu/build_standalone.py (or takes --lib), then
    NumPy oracle (tests/numpy_reference.py) and with the CPU core compiled into the same
    library; count columns must match the CPU exactly; a repeated forward must be bitwise
    identical; invalid labels must be reported with the CPU's message;
+   softmax mode (activation = softmax): dense and sparse labels (uint8 / int32 / int64 class
+   ids, ignore_index), C = 2 / 21 / 150, squared, focal gamma 2, against the CPU kernel
+   and the float64 NumPy oracle of tests/numpy_softmax.py; invalid class ids reported
+   with the CPU's message;
 2. timing on large inputs: forward (with and without the value check, which synchronises)
    and gradient, against the bytes-moved floor: the time a device-to-device copy of the
    logits needs per byte, applied to the bytes each kernel must read and write.
@@ -33,7 +37,8 @@ sys.path.insert(0, str(HERE))
 import numpy_reference as ref  # noqa: E402
 from gpu_backend import find_backend  # noqa: E402
 
-DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3, "uint8": 4, "bool": 5}
+DTYPE_CODES = {"float32": 0, "float64": 1, "float16": 2, "bfloat16": 3, "uint8": 4, "bool": 5,
+               "int32": 6, "int64": 7}
 COUNT_COLUMNS = [ref.WEIGHT_SUM, ref.HARD_TP, ref.HARD_PRED, ref.HARD_LABEL]
 # Tolerances, as in tests/conftest.py (reasons there): stats relative per entry; gradients
 # relative to the per-element scale of the terms, plus the output dtype's rounding.
@@ -62,7 +67,8 @@ class HostArray:
             self.values = (rounded.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
         else:
             np_dtype = {"float32": np.float32, "float64": np.float64, "float16": np.float16,
-                        "uint8": np.uint8, "bool": np.bool_}[dtype]
+                        "uint8": np.uint8, "bool": np.bool_, "int32": np.int32,
+                        "int64": np.int64}[dtype]
             self.storage = np.ascontiguousarray(values).astype(np_dtype)
             self.values = self.storage.astype(np.float64)
 
@@ -90,6 +96,11 @@ class Library:
         lib.fsl_cuda_logit_grad.argtypes = self.PROBLEM + [ctypes.c_void_p] * 3
         lib.fsl_cpu_stats.argtypes = self.PROBLEM + [ctypes.c_void_p]
         lib.fsl_cpu_logit_grad.argtypes = self.PROBLEM + [ctypes.c_void_p] * 2
+        softmax = self.PROBLEM + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_float]
+        lib.fsl_cuda_softmax_stats.argtypes = softmax + [ctypes.c_void_p] * 2 + [ctypes.c_int]
+        lib.fsl_cuda_softmax_logit_grad.argtypes = softmax + [ctypes.c_void_p] * 3
+        lib.fsl_cpu_softmax_stats.argtypes = softmax + [ctypes.c_void_p]
+        lib.fsl_cpu_softmax_logit_grad.argtypes = softmax + [ctypes.c_void_p] * 2
         lib.fsl_cuda_error_message.argtypes = [ctypes.c_int]
         for name in ("fsl_cuda_error_message", "fsl_cpu_error_message"):
             getattr(lib, name).restype = ctypes.c_char_p
@@ -119,6 +130,14 @@ class _CpuStandIn:
         problem, grad_stats, out = args[:14], args[14], args[15]
         return 0 if self._lib.fsl_cpu_logit_grad(*problem, grad_stats, out) == 0 else 2
 
+    def fsl_cuda_softmax_stats(self, *args):
+        problem, out = args[:18], args[18]
+        return 0 if self._lib.fsl_cpu_softmax_stats(*problem, out) == 0 else 2
+
+    def fsl_cuda_softmax_logit_grad(self, *args):
+        problem, grad_stats, out = args[:18], args[18], args[19]
+        return 0 if self._lib.fsl_cpu_softmax_logit_grad(*problem, grad_stats, out) == 0 else 2
+
     def fsl_cuda_error_message(self, code):
         return self._lib.fsl_cpu_error_message() if code else b"success"
 
@@ -127,9 +146,12 @@ class Case:
     """One problem: host arrays, their device copies, and the C ABI argument list."""
 
     def __init__(self, backend, rng, shape, channels_last, logits_dtype, labels_dtype,
-                 weights=None, pos_weight=False, squared=False, soft=True):
+                 weights=None, pos_weight=False, squared=False, soft=True, softmax=False,
+                 sparse=False, ignore_index=None, focal_gamma=0.0):
         self.shape, self.channels_last, self.squared = shape, channels_last, squared
         self.logits_dtype, self.labels_dtype = logits_dtype, labels_dtype
+        self.softmax, self.sparse = softmax, sparse
+        self.ignore_index, self.focal_gamma = ignore_index, focal_gamma
         b = shape[0]
         c = shape[-1] if channels_last else shape[1]
         n = int(np.prod(shape[1:-1] if channels_last else shape[2:]))
@@ -139,6 +161,15 @@ class Case:
         if soft and labels_dtype not in ("uint8", "bool"):
             z = np.where(rng.random(shape, dtype=np.float32) < 0.3,
                          rng.random(shape, dtype=np.float32), z)
+        if softmax:  # one class per pixel: ids, or their one-hot (the logits' layout)
+            class_axis = -1 if channels_last else 1
+            ids = rng.integers(0, c, np.delete(shape, class_axis % len(shape)))
+            if sparse:
+                if ignore_index is not None:
+                    ids[rng.random(ids.shape) < 0.1] = ignore_index
+                z = ids
+            else:
+                z = np.moveaxis(np.eye(c, dtype=np.float32)[ids], -1, class_axis)
         self.x = HostArray(x, logits_dtype)
         self.z = HostArray(z, labels_dtype)
         # weights: three characters for (batch, positions, classes), 'f' full or '1'.
@@ -171,8 +202,17 @@ class Case:
             w = self.w.ctypes.data if self.w is not None else None
             pw = self.pw.ctypes.data if self.pw is not None else None
         b, n, c = self.bnc
-        return [x, DTYPE_CODES[self.logits_dtype], z, DTYPE_CODES[self.labels_dtype], w,
+        args = [x, DTYPE_CODES[self.logits_dtype], z, DTYPE_CODES[self.labels_dtype], w,
                 *self.w_dims, pw, b, n, c, int(self.channels_last), int(self.squared)]
+        if self.softmax:
+            args += [int(self.sparse), int(self.ignore_index is not None),
+                     self.ignore_index or 0, self.focal_gamma]
+        return args
+
+    def entry(self, name):
+        """The C ABI function `name` (fsl_cuda_stats, ...) of this case's activation."""
+        return name.replace("_stats", "_softmax_stats").replace(
+            "_logit_grad", "_softmax_logit_grad") if self.softmax else name
 
     @property
     def data_format(self):
@@ -191,8 +231,8 @@ class Case:
 def gpu_stats(lib, backend, case, check_values=True):
     b, _, c = case.bnc
     out = backend.empty(b * c * 8 * 4)
-    code = lib.lib.fsl_cuda_stats(*case.args(), backend.pointer(out), backend.stream(),
-                                  int(check_values))
+    code = getattr(lib.lib, case.entry("fsl_cuda_stats"))(
+        *case.args(), backend.pointer(out), backend.stream(), int(check_values))
     backend.synchronize()
     if code != 0:
         raise RuntimeError(f"fsl_cuda_stats: {code}: {lib.cuda_message(code)}")
@@ -202,8 +242,8 @@ def gpu_stats(lib, backend, case, check_values=True):
 def gpu_grad(lib, backend, case, grad_stats):
     d_g = backend.upload(grad_stats)
     out = backend.empty(case.x.storage.nbytes)
-    code = lib.lib.fsl_cuda_logit_grad(*case.args(), backend.pointer(d_g), backend.pointer(out),
-                                       backend.stream())
+    code = getattr(lib.lib, case.entry("fsl_cuda_logit_grad"))(
+        *case.args(), backend.pointer(d_g), backend.pointer(out), backend.stream())
     backend.synchronize()
     if code != 0:
         raise RuntimeError(f"fsl_cuda_logit_grad: {code}: {lib.cuda_message(code)}")
@@ -213,15 +253,16 @@ def gpu_grad(lib, backend, case, grad_stats):
 def cpu_stats(lib, case):
     b, _, c = case.bnc
     out = np.zeros((b, c, 8), np.float32)
-    if lib.lib.fsl_cpu_stats(*case.args(device=False), out.ctypes.data) != 0:
+    if getattr(lib.lib, case.entry("fsl_cpu_stats"))(*case.args(device=False),
+                                                     out.ctypes.data) != 0:
         raise RuntimeError(lib.lib.fsl_cpu_error_message().decode())
     return out
 
 
 def cpu_grad(lib, case, grad_stats):
     out = np.zeros(case.x.storage.shape, case.x.storage.dtype)
-    code = lib.lib.fsl_cpu_logit_grad(*case.args(device=False), grad_stats.ctypes.data,
-                                      out.ctypes.data)
+    code = getattr(lib.lib, case.entry("fsl_cpu_logit_grad"))(
+        *case.args(device=False), grad_stats.ctypes.data, out.ctypes.data)
     if code != 0:
         raise RuntimeError(lib.lib.fsl_cpu_error_message().decode())
     return HostArray.decode(out.tobytes(), case.logits_dtype, case.shape)
@@ -347,6 +388,12 @@ TIMING = [
                             logits_dtype="float32", labels_dtype="float32")),
     ("CL f32/u8 C=100", dict(shape=(4, 256, 512, 100), channels_last=True,
                              logits_dtype="float32", labels_dtype="uint8")),
+    ("softmax CL f32/i32 C=21", dict(shape=(8, 512, 512, 21), channels_last=True,
+                                     logits_dtype="float32", labels_dtype="int32",
+                                     softmax=True, sparse=True, ignore_index=255)),
+    ("softmax CF bf16/u8 C=150", dict(shape=(2, 150, 512, 512), channels_last=False,
+                                      logits_dtype="bfloat16", labels_dtype="uint8",
+                                      softmax=True, sparse=True)),
 ]
 
 
@@ -362,13 +409,14 @@ def time_case(lib, backend, rng, name, reps, report, **options):
     stream = backend.stream()
 
     def forward(check):
-        code = lib.lib.fsl_cuda_stats(*args, backend.pointer(stats_out), stream, int(check))
+        code = getattr(lib.lib, case.entry("fsl_cuda_stats"))(
+            *args, backend.pointer(stats_out), stream, int(check))
         if code:
             raise RuntimeError(lib.cuda_message(code))
 
     def backward():
-        code = lib.lib.fsl_cuda_logit_grad(*args, backend.pointer(d_g),
-                                           backend.pointer(grad_out), stream)
+        code = getattr(lib.lib, case.entry("fsl_cuda_logit_grad"))(
+            *args, backend.pointer(d_g), backend.pointer(grad_out), stream)
         if code:
             raise RuntimeError(lib.cuda_message(code))
 
@@ -404,7 +452,7 @@ def print_table(rows):
     print("\nTiming (median of the repetitions; CUDA events). GB/s = bytes the kernel must "
           "move / time;\n%floor = (those bytes at the logits-copy bandwidth) / kernel time "
           "(100% = as fast as a copy).\nfwd = forward without the value check (asynchronous); "
-          "fwd+chk = with it (stream sync + 16-byte readback).\ncpu1t = the CPU core, one "
+          "fwd+chk = with it (stream sync + 32-byte readback).\ncpu1t = the CPU core, one "
           "thread, same library (for scale only).")
     widths = [26, 10, 8, 9, 8, 8, 10, 10, 8, 8, 10, 12]
     print(" ".join(h.rjust(w) for h, w in zip(header, widths)))
@@ -455,6 +503,8 @@ def main(argv=None):
             case = check_case(lib, backend, rng, report, name, **options)
             backend.free_all(case)
         check_invalid_labels(lib, backend, rng, report)
+        import check_gpu_softmax
+        check_gpu_softmax.run(sys.modules[__name__], lib, backend, rng, report)
     rows = []
     cases = TIMING[:3] if args.quick else TIMING
     for name, options in cases:
