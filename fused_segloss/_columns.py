@@ -11,6 +11,10 @@ output contract. Each column is a sum over an image's spatial positions, per cla
     HARD_TP       Σ w · [x > 0] · [z ≥ 0.5]
     HARD_PRED     Σ w · [x > 0]
     HARD_LABEL    Σ w · [z ≥ 0.5]
+
+With activation="softmax" (p = softmax over the class axis, z one-hot of a class id or
+dense): CE_SUM is Σ w · z · (−log p), WEIGHT_SUM is Σ w · z (the class's labelled weight),
+and the hard prediction [x > 0] becomes [argmax x = c].
 """
 import enum
 

@@ -1,9 +1,18 @@
 """Input checks and canonical forms, in one place for every entry point.
 
 Static problems (ranks, shapes known while tracing, dtypes, option strings) raise
-ValueError naming the argument. Data-dependent problems (labels outside [0, 1],
-negative weights) are found by the kernels (InvalidArgumentError) or, on the reference
-path, by tf.debugging assertions with the same wording.
+ValueError naming the argument. Data-dependent problems (labels outside [0, 1], class
+ids outside [0, C), negative weights) are found by the kernels (InvalidArgumentError)
+or, on the reference path, by tf.debugging assertions with the same wording.
+
+Labels, canonicalised here (free reshapes and casts of small dtypes only):
+  sigmoid:  the logits' shape; float, uint8, bool, or int32/int64 0/1 masks (cast to
+            float32, see `_dense_labels`).
+  softmax:  dense: the logits' shape (float soft or one-hot, uint8/bool one-hot,
+            int32/int64 one-hot cast to float32);
+            sparse class ids (uint8, int32, int64): [B, *S] as they are, or with a class
+            axis of size 1 ([B, *S, 1] channels_last, [B, 1, *S] channels_first), which
+            is squeezed to [B, *S]. Never expanded to one-hot here: the kernels read ids.
 """
 from typing import NamedTuple, Optional
 
@@ -11,9 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 LOGIT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
-LABEL_DTYPES = LOGIT_DTYPES + (tf.uint8, tf.bool)
+ID_DTYPES = (tf.uint8, tf.int32, tf.int64)  # sparse class ids (softmax)
+LABEL_DTYPES = LOGIT_DTYPES + (tf.uint8, tf.bool, tf.int32, tf.int64)
 DATA_FORMATS = ("channels_last", "channels_first")
 IMPLEMENTATIONS = ("auto", "fused", "reference")
+ACTIVATIONS = ("sigmoid", "softmax")
 
 
 def _names(dtypes):
@@ -35,6 +46,9 @@ class Prepared(NamedTuple):
     squared: bool
     focal_gamma: float = 0.0               # >= 0; 0 (with no alpha) is plain cross-entropy
     focal_alpha: Optional[float] = None    # in [0, 1], or None
+    activation: str = "sigmoid"            # "sigmoid" or "softmax"
+    sparse: bool = False                   # labels are class ids [B, *S] (softmax only)
+    ignore_index: Optional[int] = None     # sparse ids equal to it have weight 0
 
     @property
     def rank(self):
@@ -47,6 +61,11 @@ class Prepared(NamedTuple):
     @property
     def spatial_axes(self):
         return [a for a in range(1, self.rank) if a != self.class_axis]
+
+    @property
+    def label_axes(self):
+        """The logits' axes that sparse labels have (all but the class axis)."""
+        return [a for a in range(self.rank) if a != self.class_axis]
 
     @property
     def data_format(self):
@@ -82,6 +101,26 @@ def check_focal(focal_gamma=0.0, focal_alpha=None):
     return gamma, alpha
 
 
+def check_activation(activation, pos_weight=None, focal_alpha=None, ignore_index=None):
+    """ValueError naming the argument for an option that `activation` cannot take."""
+    check_choice("activation", activation, ACTIVATIONS)
+    if ignore_index is not None and (isinstance(ignore_index, (bool, np.bool_))
+                                     or not isinstance(ignore_index, (int, np.integer))):
+        raise ValueError(f"`ignore_index` must be None or an int (a class id), got {ignore_index!r}")
+    if activation == "softmax":
+        if pos_weight is not None:
+            raise ValueError("`pos_weight` has no meaning with activation='softmax' (one class "
+                             "per pixel, no negative term): weight classes with `class_weights`")
+        if focal_alpha is not None:
+            raise ValueError("`focal_alpha` has no meaning with activation='softmax': weight "
+                             "classes with `class_weights` (focal_gamma works in both modes)")
+    elif ignore_index is not None:
+        raise ValueError("`ignore_index` needs activation='softmax' with sparse integer "
+                         f"`labels` (class ids), got activation={activation!r}; with sigmoid "
+                         "use a weights map of 0 at the ignored pixels")
+    return None if ignore_index is None else int(ignore_index)
+
+
 def focal_enabled(p: "Prepared"):
     """Whether the cross-entropy column carries the focal factor."""
     return p.focal_gamma != 0.0 or p.focal_alpha is not None
@@ -93,12 +132,20 @@ def focal_attrs(p: "Prepared"):
             "focal_alpha": -1.0 if p.focal_alpha is None else p.focal_alpha}
 
 
+def activation_attrs(p: "Prepared"):
+    """The kernels' softmax attributes (the TF op's; _xla.py spells them for the FFI)."""
+    return {"activation": p.activation, "has_ignore_index": p.ignore_index is not None,
+            "ignore_index": 0 if p.ignore_index is None else p.ignore_index}
+
+
 def prepare(logits, labels, weights=None, pos_weight=None, data_format="channels_last",
-            squared=False, focal_gamma=0.0, focal_alpha=None):
+            squared=False, focal_gamma=0.0, focal_alpha=None, activation="sigmoid",
+            ignore_index=None):
     check_choice("data_format", data_format, DATA_FORMATS)
     if not isinstance(squared, bool):
         raise ValueError(f"`squared` must be a bool, got {squared!r}")
     focal_gamma, focal_alpha = check_focal(focal_gamma, focal_alpha)
+    ignore_index = check_activation(activation, pos_weight, focal_alpha, ignore_index)
     logits = _as_tensor(logits, "logits")
     if logits.dtype not in LOGIT_DTYPES:
         raise ValueError(f"`logits` must have dtype {_names(LOGIT_DTYPES)}; got {logits.dtype.name}")
@@ -110,10 +157,19 @@ def prepare(logits, labels, weights=None, pos_weight=None, data_format="channels
         raise ValueError(
             "`logits` must have a known rank from 2 to 5: [B, *spatial, C] (channels_last) or "
             f"[B, C, *spatial] (channels_first) with 0 to 3 spatial dims; got shape {logits.shape}")
-    if not labels.shape.is_compatible_with(logits.shape):
-        raise ValueError(f"`labels` shape {labels.shape} must equal the `logits` shape {logits.shape}")
     channels_last = data_format == "channels_last"
     class_axis = rank - 1 if channels_last else 1
+    if activation == "softmax":
+        labels, sparse = _softmax_labels(logits, labels, class_axis)
+    else:
+        if not labels.shape.is_compatible_with(logits.shape):
+            raise ValueError(f"`labels` shape {labels.shape} must equal the `logits` shape "
+                             f"{logits.shape}")
+        labels, sparse = _dense_labels(labels), False
+    if ignore_index is not None and not sparse:
+        raise ValueError(f"`ignore_index` needs sparse integer `labels` (class ids, the logits' "
+                         f"shape without the class axis), got {labels.dtype.name} labels of "
+                         f"shape {labels.shape}")
     classes = logits.shape[class_axis]
     if classes == 0:
         raise ValueError(f"`logits` must have at least one class (C >= 1) on axis {class_axis}, "
@@ -144,7 +200,45 @@ def prepare(logits, labels, weights=None, pos_weight=None, data_format="channels
         if static is not None and not np.all(np.isfinite(static) & (static >= 0)):
             raise ValueError(f"`pos_weight` must be finite and >= 0, got {static.tolist()}")
     return Prepared(logits, labels, weights, pos_weight, channels_last, squared, focal_gamma,
-                    focal_alpha)
+                    focal_alpha, activation, sparse, ignore_index)
+
+
+def _dense_labels(labels):
+    """Dense labels for the kernels. int32/int64 0/1 masks are cast to float32: the
+    kernels read int32/int64 only as class ids, and the cast keeps every value exact (an
+    int 2 becomes 2.0), so out-of-range masks are still caught by the [0, 1] check."""
+    if labels.dtype in (tf.int32, tf.int64):
+        return tf.cast(labels, tf.float32)
+    return labels
+
+
+def _softmax_labels(logits, labels, class_axis):
+    """(labels, sparse) for activation='softmax' (the rules are in the module docstring)."""
+    rank = logits.shape.rank
+    without_class = tf.TensorShape([d for a, d in enumerate(logits.shape) if a != class_axis])
+    classes = logits.shape[class_axis]
+    forms = (f"dense labels of the logits' shape {logits.shape}, or class ids (uint8, int32, "
+             f"int64) of shape {without_class} or with a class axis of size 1")
+    label_rank = labels.shape.rank
+    is_ids = labels.dtype in ID_DTYPES
+    if label_rank == rank and labels.shape[class_axis] == 1 and classes != 1 and is_ids:
+        labels = tf.squeeze(labels, axis=class_axis)  # [B, *S, 1] / [B, 1, *S] -> [B, *S]
+        label_rank = rank - 1
+    if label_rank == rank - 1:
+        if not is_ids:
+            raise ValueError(f"sparse `labels` (class ids, shape {labels.shape}) must be uint8, "
+                             f"int32 or int64, got {labels.dtype.name}")
+        if not labels.shape.is_compatible_with(without_class):
+            raise ValueError(f"`labels` of shape {labels.shape} match no accepted form: "
+                             f"{forms}")
+        return labels, True
+    if label_rank == rank and labels.shape.is_compatible_with(logits.shape):
+        return _dense_labels(labels), False
+    if label_rank == rank and labels.shape[class_axis] == 1 and classes != 1:
+        raise ValueError(f"`labels` of shape {labels.shape} look like class ids with a class "
+                         f"axis of size 1, but class ids must be uint8, int32 or int64, got "
+                         f"{labels.dtype.name} (cast them, or give one-hot labels)")
+    raise ValueError(f"`labels` of shape {labels.shape} match no accepted form: {forms}")
 
 
 def float_tuple(values, name):

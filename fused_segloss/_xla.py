@@ -34,7 +34,8 @@ GRAD_TARGET = "fused_segloss_stats_grad"
 
 # StableHLO element types of the dtypes the kernels take (bool is XLA's PRED: i1).
 _ELEMENT_TYPES = {tf.float32: "f32", tf.float64: "f64", tf.float16: "f16",
-                  tf.bfloat16: "bf16", tf.uint8: "ui8", tf.bool: "i1"}
+                  tf.bfloat16: "bf16", tf.uint8: "ui8", tf.bool: "i1", tf.int32: "i32",
+                  tf.int64: "i64"}
 
 
 class FusedSeglossXlaWarning(UserWarning):
@@ -161,8 +162,12 @@ def _tensor_type(rank, element):
 
 @functools.lru_cache(maxsize=None)
 def _module(target, logits_type, labels_type, rank, channels_last, squared, weights_rank,
-            has_pos_weight, check_numerics, platform_names, focal_gamma=0.0, focal_alpha=-1.0):
+            has_pos_weight, check_numerics, platform_names, focal_gamma=0.0, focal_alpha=-1.0,
+            labels_rank=None, softmax=False, has_ignore_index=False, ignore_index=0):
     """Serialised StableHLO calling `target`; every dimension dynamic (shape-polymorphic).
+
+    Sparse labels (softmax class ids) have rank `labels_rank` = rank - 1; the handlers
+    tell them from dense labels by that rank, as the TF op does.
 
     The result's shape is computed from the operands' sizes at run time and handed to
     the custom call as a shape operand (indices_of_shape_operands), which is how XLA
@@ -171,7 +176,8 @@ def _module(target, logits_type, labels_type, rank, channels_last, squared, weig
     handler is looked up per platform by name, so the module ignores it.
     """
     logits_t = _tensor_type(rank, logits_type)
-    operands = [("logits", logits_t), ("labels", _tensor_type(rank, labels_type)),
+    labels_rank = rank if labels_rank is None else labels_rank
+    operands = [("logits", logits_t), ("labels", _tensor_type(labels_rank, labels_type)),
                 ("weights", _tensor_type(weights_rank, "f32")),
                 ("pos_weight", _tensor_type(1 if has_pos_weight else 0, "f32"))]
     class_axis = rank - 1 if channels_last else 1
@@ -201,7 +207,10 @@ def _module(target, logits_type, labels_type, rank, channels_last, squared, weig
     config = (f"channels_last = {str(channels_last).lower()}, "
               f"squared = {str(squared).lower()}, "
               f"focal_gamma = {_f32_literal(focal_gamma)}, "
-              f"focal_alpha = {_f32_literal(focal_alpha)}")
+              f"focal_alpha = {_f32_literal(focal_alpha)}, "
+              f"softmax = {str(softmax).lower()}, "
+              f"has_ignore_index = {str(has_ignore_index).lower()}, "
+              f"ignore_index = {int(ignore_index)} : i64")
     side_effect = ""
     if target == STATS_TARGET:
         config += f", check_numerics = {str(check_numerics).lower()}"
@@ -233,11 +242,14 @@ def _f32_literal(value):
 def _call(target, prepared, operands, out_dtype, out_shape, check_numerics=False):
     weights = operands[2]
     focal = _inputs.focal_attrs(prepared)
+    softmax = _inputs.activation_attrs(prepared)
     module = _module(target, _ELEMENT_TYPES[prepared.logits.dtype],
                      _ELEMENT_TYPES[prepared.labels.dtype], prepared.rank,
                      prepared.channels_last, prepared.squared, weights.shape.rank,
                      prepared.pos_weight is not None, check_numerics, platforms(),
-                     focal["focal_gamma"], focal["focal_alpha"])
+                     focal["focal_gamma"], focal["focal_alpha"], prepared.labels.shape.rank,
+                     softmax["activation"] == "softmax", softmax["has_ignore_index"],
+                     softmax["ignore_index"])
     (result,) = _tfxla.call_module(
         list(operands), version=_tfxla.call_module_maximum_supported_version(),
         module=module, Tout=[out_dtype], Sout=[out_shape], platforms=list(platforms()))

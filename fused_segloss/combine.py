@@ -53,6 +53,17 @@ def check_options(ce_weight, dice_weight, dice_mode, smooth, empty, overlap="dic
             raise ValueError(f"`{name}` must be a number, got {value!r}")
 
 
+def check_activation_options(activation, include_background):
+    """ValueError naming both options where include_background cannot apply."""
+    _inputs.check_choice("activation", activation, _inputs.ACTIVATIONS)
+    if not isinstance(include_background, bool):
+        raise ValueError(f"`include_background` must be a bool, got {include_background!r}")
+    if not include_background and activation != "softmax":
+        raise ValueError("`include_background`=False needs `activation`='softmax' (class 0 is "
+                         "the background only when classes are exclusive); with sigmoid, "
+                         "leave a class out with class_weights")
+
+
 def check_overlap_with_squared(overlap, squared):
     """ValueError for the one statistics/combine pair that does not go together."""
     if overlap == "tversky" and squared:
@@ -80,14 +91,18 @@ def class_weight_vector(class_weights, classes):
 
 def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=1e-5,
             empty="include", class_weights=None, overlap="dice", tversky_alpha=0.5,
-            tversky_beta=0.5) -> SegLossResult:
+            tversky_beta=0.5, activation="sigmoid", include_background=True) -> SegLossResult:
     """The loss and every class's terms from `segloss_stats`' [B, C, 8] statistics.
 
     Formula (sums over the batch in "batch" mode; cw = class_weights, default 1; I, P, Z
     the intersection, pred and label sums; s = smooth):
 
         CE_c   = ce_sum_c / weight_sum_c               (0 and left out if weight_sum_c = 0)
-        CE     = Σ_c cw_c CE_c / Σ_c cw_c               (over classes with weight_sum_c > 0)
+        CE     = Σ_c cw_c CE_c / Σ_c cw_c               (sigmoid: over classes with
+                                                         weight_sum_c > 0)
+        CE     = Σ_c cw_c ce_sum_c / Σ_c cw_c weight_sum_c   (softmax: the mean over the
+                 batch's labelled pixels, 0 if none; Keras' SparseCategoricalCrossentropy
+                 without class weights, PyTorch's CrossEntropyLoss(weight=cw) with them)
         overlap index per class (1 where its denominator is 0):
           "dice"     D_c = (2 I + s) / (P + Z + s)
           "jaccard"  J_c = (I + s) / (P + Z − I + s)
@@ -102,7 +117,8 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
 
     With empty="exclude", a class with label_sum 0 (per image in "per_image" mode) leaves
     the overlap mean; an image with no class left leaves the mean over images; if nothing
-    is left the overlap term is 0.
+    is left the overlap term is 0. With include_background=False (softmax), class 0 has
+    weight 0 in the overlap term only (as MONAI's DiceCELoss); the CE keeps it.
 
     Args:
       stats: float32 [B, C, 8] from `segloss_stats` (columns as `STAT_COLUMNS`).
@@ -117,6 +133,10 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
       tversky_alpha, tversky_beta: weights of false positives and false negatives in the
         Tversky index (>= 0, default 0.5 each: the Dice); only with overlap="tversky".
         Tversky needs the plain sums (segloss_stats with squared=False).
+      activation: "sigmoid" (default) or "softmax": how the stats were made; it decides
+        the CE term (see Formula).
+      include_background: True (default); False leaves class 0 out of the overlap term
+        (softmax only).
 
     Returns:
       A `SegLossResult` of float32 tensors: total, ce, dice_loss (scalars) and
@@ -127,7 +147,8 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
 
     Raises:
       ValueError: an option outside its allowed values, a pair of options that do not
-        go together (naming both), or stats not [B, C, 8].
+        go together (naming both, e.g. include_background=False with sigmoid), or stats
+        not [B, C, 8].
 
     >>> import numpy as np, fused_segloss as fsl
     >>> stats = np.zeros([1, 2, 8], np.float32)
@@ -137,9 +158,12 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
     (array([0.5, 2. ], dtype=float32), array([0.75, 0.  ], dtype=float32), array([0.375, 1.5  ], dtype=float32))
     >>> fsl.combine(stats, smooth=0.0, overlap="jaccard").overlap_per_class.numpy()
     array([0.6, 0. ], dtype=float32)
+    >>> float(fsl.combine(stats, smooth=0.0, activation="softmax").ce)  # (8 + 32) / 32
+    1.25
     """
     check_options(ce_weight, dice_weight, dice_mode, smooth, empty, overlap, tversky_alpha,
                   tversky_beta)
+    check_activation_options(activation, include_background)
     stats = tf.convert_to_tensor(stats, tf.float32)
     if stats.shape.rank != 3 or stats.shape[-1] not in (None, len(Column)):
         raise ValueError(f"`stats` must have shape [B, C, {len(Column)}], got {stats.shape}")
@@ -151,7 +175,8 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
     # each distinct set of options is traced once.
     impl = _combine_traced if tf.executing_eagerly() else _combine
     return impl(stats, cw, ce_weight, dice_weight, dice_mode, smooth, empty,
-                (overlap, tversky_alpha, tversky_beta))
+                (overlap, tversky_alpha, tversky_beta), activation == "softmax",
+                include_background)
 
 
 def _shares(values, weights, axis=-1):
@@ -191,7 +216,8 @@ def _generalized_dice_shares(s, cw, smooth):
     return tf.math.divide_no_nan(w * (p + z - 2.0 * i), denominator)
 
 
-def _combine(stats, cw, ce_weight, dice_weight, dice_mode, smooth, empty, overlap):
+def _combine(stats, cw, ce_weight, dice_weight, dice_mode, smooth, empty, overlap,
+             softmax=False, include_background=True):
     smooth = tf.cast(smooth, tf.float32)
     totals = tf.reduce_sum(stats, axis=0)  # [C, 8]: the batch's per-class sums
 
@@ -199,7 +225,15 @@ def _combine(stats, cw, ce_weight, dice_weight, dice_mode, smooth, empty, overla
     # element is ignored (weight_sum == 0) report 0 and leave the mean over classes.
     weight_sum = totals[:, Column.WEIGHT_SUM]
     ce_per_class = tf.math.divide_no_nan(totals[:, Column.CE_SUM], weight_sum)
-    ce_shares = _shares(ce_per_class, cw * tf.cast(weight_sum > 0, tf.float32))
+    if softmax:
+        # One class per pixel: the mean over labelled pixels, each weighted by its class's
+        # weight (weight_sum_c is class c's labelled weight), not a mean of class means.
+        ce_shares = tf.math.divide_no_nan(cw * totals[:, Column.CE_SUM],
+                                          tf.reduce_sum(cw * weight_sum))
+    else:
+        ce_shares = _shares(ce_per_class, cw * tf.cast(weight_sum > 0, tf.float32))
+    if not include_background:  # class 0 leaves the overlap term only
+        cw = tf.concat([tf.zeros_like(cw[:1]), cw[1:]], axis=0)
 
     dice_index = ("dice", 0.5, 0.5)
     batch_dice, batch_index = _index(totals, smooth, dice_index), _index(totals, smooth, overlap)

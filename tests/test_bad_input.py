@@ -83,6 +83,18 @@ def keras_loss(y_true, y_pred, sample_weight=None, **options):
 
 
 LABELS_RANGE = ("`labels`", "must lie in [0, 1]")
+IDS = _rng.integers(0, 3, (2, 4, 4)).astype(np.int32)             # class ids [B, H, W]
+IDS_3 = np.where(IDS == 1, 3, IDS).astype(np.int32)                # some ids = C
+IDS_NEG = np.where(IDS == 1, -1, IDS).astype(np.int64)             # some ids = -1
+ID_RANGE = ("`labels`", "class ids must lie in [0, C) = [0, 3)")
+
+
+def softmax(*args, **kwargs):
+    return fsl.segloss_stats(*args, activation="softmax", **kwargs)
+
+
+def softmax_reference(*args, **kwargs):
+    return softmax(*args, implementation="reference", **kwargs)
 WEIGHTS_RANGE = ("`weights`", "must be finite and >= 0")
 POS_WEIGHT_RANGE = ("`pos_weight`", ">= 0")
 STATIC_OR_DATA = (ValueError, IAE)  # a constant may be checked while tracing or at run time
@@ -132,8 +144,12 @@ CASES = {
                                ("`logits`", "float16, bfloat16, float32, float64", "int32")),
     "stats/logits-complex": Case(lambda: stats(X.astype(np.complex64), Z), ValueError,
                                  ("`logits`", "float16, bfloat16, float32, float64")),
-    "stats/labels-int32": Case(lambda: stats(X, Z.astype(np.int32)), ValueError,
-                               ("`labels`", "uint8, bool", "int32")),
+    "stats/labels-int8": Case(lambda: stats(X, Z.astype(np.int8)), ValueError,
+                              ("`labels`", "uint8, bool, int32, int64", "int8")),
+    # int32/int64 0/1 masks are cast to float32 exactly: a 2 is still out of range.
+    "stats/labels-int32-2": Case(lambda: stats(X, (2 * Z).astype(np.int32)), IAE, LABELS_RANGE),
+    "reference/labels-int64-2": Case(lambda: reference(X, (2 * Z).astype(np.int64)), IAE,
+                                     LABELS_RANGE),
     "stats/labels-complex": Case(lambda: stats(X, Z.astype(np.complex64)), ValueError,
                                  ("`labels`", "uint8, bool")),
     "stats/data-format": Case(lambda: stats(X, Z, data_format="NHWC"), ValueError,
@@ -184,6 +200,69 @@ CASES = {
     "reference/dynamic-zero-classes": Case(
         lambda: dynamic(lambda x, z: fsl.seg_loss(x, z, implementation="reference"),
                         X[..., :0], Z[..., :0]), IAE, ("`logits`", "C >= 1")),
+
+    # ---------------------------------------------------------- softmax mode
+    "softmax/id-equal-to-C": Case(lambda: softmax(X, IDS_3), IAE, ID_RANGE + ("from 3 to 3",)),
+    "softmax/negative-id-not-ignored": Case(
+        lambda: softmax(X, IDS_NEG, ignore_index=255), IAE,
+        ID_RANGE + ("or equal ignore_index = 255", "from -1 to -1")),
+    "softmax/uint8-id-above-C": Case(lambda: softmax(X, np.where(IDS_3 == 3, 9, IDS_3).astype(np.uint8)), IAE,
+                                     ID_RANGE + ("from 9 to 9",)),
+    "softmax-reference/id-equal-to-C": Case(lambda: softmax_reference(X, IDS_3), IAE,
+                                            ID_RANGE + ("from 3 to 3",)),
+    "softmax-reference/negative-id-not-ignored": Case(
+        lambda: softmax_reference(X, IDS_NEG, ignore_index=255), IAE,
+        ID_RANGE + ("or equal ignore_index = 255", "from -1 to -1")),
+    "softmax-reference/dynamic-sparse-shape": Case(
+        lambda: dynamic(lambda x, y: softmax_reference(x, y), X, IDS[:, :2]), IAE,
+        ("`labels`", "without the class axis")),
+    "softmax/dynamic-sparse-shape": Case(lambda: dynamic(softmax, X, IDS[:, :2]), IAE,
+                                         ("`labels`", "without the class axis")),
+    "softmax/ignore-index-with-dense-labels": Case(
+        lambda: softmax(X, Z, ignore_index=0), ValueError,
+        ("`ignore_index`", "sparse integer `labels`")),
+    "softmax/ignore-index-not-int": Case(lambda: softmax(X, IDS, ignore_index=1.5), ValueError,
+                                         ("`ignore_index`", "an int")),
+    "softmax/ignore-index-bool": Case(lambda: softmax(X, IDS, ignore_index=True), ValueError,
+                                      ("`ignore_index`", "an int")),
+    "softmax/sparse-shape-matches-no-rule": Case(
+        lambda: softmax(X, IDS[:, :, :3]), ValueError, ("`labels`", "match no accepted form")),
+    "softmax/labels-rank-too-low": Case(lambda: softmax(X, IDS[0]), ValueError,
+                                        ("`labels`", "match no accepted form")),
+    "softmax/sparse-float-ids": Case(lambda: softmax(X, IDS.astype(np.float32)), ValueError,
+                                     ("sparse `labels`", "uint8, int32 or int64", "float32")),
+    "softmax/sparse-bool-ids": Case(lambda: softmax(X, IDS.astype(bool)), ValueError,
+                                    ("sparse `labels`", "uint8, int32 or int64", "bool")),
+    "softmax/float-ids-with-class-axis": Case(
+        lambda: softmax(X, IDS[..., None].astype(np.float32)), ValueError,
+        ("`labels`", "class ids must be uint8, int32 or int64", "float32")),
+    "softmax/pos-weight": Case(lambda: softmax(X, IDS, None, np.ones(3, np.float32)),
+                               ValueError, ("`pos_weight`", "activation='softmax'",
+                                            "class_weights")),
+    "softmax/focal-alpha": Case(lambda: softmax(X, IDS, focal_alpha=0.25), ValueError,
+                                ("`focal_alpha`", "activation='softmax'", "class_weights")),
+    "stats/activation-unknown": Case(lambda: stats(X, Z, activation="relu"), ValueError,
+                                     ("`activation`", "'sigmoid', 'softmax'", "'relu'")),
+    "stats/ignore-index-with-sigmoid": Case(lambda: stats(X, Z, ignore_index=255), ValueError,
+                                            ("`ignore_index`", "activation='softmax'")),
+    "seg_loss/include-background-with-sigmoid": Case(
+        lambda: fsl.seg_loss(X, Z, include_background=False), ValueError,
+        ("`include_background`", "`activation`='softmax'")),
+    "seg_loss/include-background-not-bool": Case(
+        lambda: fsl.seg_loss(X, IDS, activation="softmax", include_background=0), ValueError,
+        ("`include_background`", "bool")),
+    "combine/include-background-with-sigmoid": Case(
+        lambda: fsl.combine(np.ones((2, 3, 8), np.float32), include_background=False),
+        ValueError, ("`include_background`", "`activation`='softmax'")),
+    "combine/activation-unknown": Case(
+        lambda: fsl.combine(np.ones((2, 3, 8), np.float32), activation="softplus"), ValueError,
+        ("`activation`", "'sigmoid', 'softmax'")),
+    "xla/softmax-id-equal-to-C": Case(lambda: xla(softmax, X, IDS_3), IAE,
+                                      ID_RANGE + ("from 3 to 3",)),
+    "keras/softmax-id-equal-to-C": Case(lambda: keras_loss(IDS_3, X, activation="softmax"),
+                                        IAE, ID_RANGE),
+    "keras/softmax-float-id-equal-to-C": Case(
+        lambda: keras_loss(IDS_3.astype(np.float32), X, activation="softmax"), IAE, ID_RANGE),
 
     # ---------------------------------------------------------- seg_loss / combine options
     "seg_loss/unknown-option": Case(lambda: fsl.seg_loss(X, Z, dice="batch"), ValueError,
@@ -311,8 +390,9 @@ CASES = {
                                 ("`logits`", "complex64", "float32")),
     "core/logits-uint8": Case(lambda: _core.stats(X.astype(np.uint8), Z), ValueError,
                               ("`logits`", "float")),
+    # The core reads int64 only as class ids (softmax, shape without the class axis).
     "core/labels-int64": Case(lambda: _core.stats(X, Z.astype(np.int64)), ValueError,
-                              ("`labels`", "int64", "uint8")),
+                              ("`labels`", "int64", "class ids")),
     "core/logits-rank-1": Case(lambda: _core.stats(X[0, 0, 0], Z[0, 0, 0]), ValueError,
                                ("`logits`", "rank 2 to 5")),
     "core/labels-shape": Case(lambda: _core.stats(X, Z[:1]), ValueError,

@@ -30,6 +30,12 @@ OPTION_SETS = {
     "focal_generalized_dice": {"dice_mode": "per_image", "overlap": "generalized_dice",
                                "focal_gamma": 2.0, "focal_alpha": 0.25},
     "tversky": {"overlap": "tversky", "tversky_alpha": 0.3, "tversky_beta": 0.7},
+    # Softmax mode with sparse class ids [B, H, W] (255: ignored), see _labels_for.
+    "softmax_sparse": {"activation": "softmax", "ignore_index": 255,
+                       "include_background": False, "class_weights": [1.0, 2.0, 4.0]},
+    "softmax_per_image_focal": {"activation": "softmax", "ignore_index": 255,
+                                "dice_mode": "per_image", "empty": "exclude",
+                                "focal_gamma": 2.0},
 }
 GLOBAL_BATCH, SIZE, LEARNING_RATE = 8, 10, 0.5
 TOLERANCE = 1e-5  # the issue's bound: float32 sums in another order differ by ~1e-7
@@ -44,6 +50,14 @@ def _data():
     labels[5:, ..., 2] = 0.0  # the second half lacks class c: a per-replica Dice would differ
     weight = np.linspace(0.2, 2.0, GLOBAL_BATCH).astype(np.float32)
     return images, labels, weight
+
+
+def _labels_for(options, labels):
+    """The multi-label masks, or for softmax the class ids [B, H, W] (int32) derived from
+    them: the first class present, 255 (ignored) where none is."""
+    if options.get("activation") != "softmax":
+        return labels
+    return np.where(labels.any(-1), labels.argmax(-1), 255).astype(np.int32)
 
 
 def _build(keras, initial=None):
@@ -62,7 +76,8 @@ def _fit_one_step(keras, fsl, options, initial):
     model.compile(keras.optimizers.SGD(LEARNING_RATE), loss=loss,
                   weighted_metrics=[fsl.keras.SegMetrics(NAMES, loss=loss)])
     images, labels, weight = _data()
-    history = model.fit(images, labels, sample_weight=weight, batch_size=GLOBAL_BATCH,
+    history = model.fit(images, _labels_for(options, labels), sample_weight=weight,
+                        batch_size=GLOBAL_BATCH,
                         epochs=1, shuffle=False, verbose=0)
     return {"logs": {k: float(v[0]) for k, v in history.history.items()},
             "weights": [w.tolist() for w in model.get_weights()]}
@@ -70,6 +85,7 @@ def _fit_one_step(keras, fsl, options, initial):
 
 def _custom_loop_one_step(tf, keras, fsl, strategy, options, initial):
     images, labels, weight = _data()
+    labels = _labels_for(options, labels)
     with strategy.scope():
         model = _build(keras, initial)
         optimizer = keras.optimizers.SGD(LEARNING_RATE)

@@ -129,7 +129,7 @@ def test_comments_state_mechanisms_not_measurements():
 
 
 @pytest.mark.parametrize("name", ["fused_segloss", "fused_segloss.ops", "fused_segloss.combine",
-                                  "fused_segloss.keras.loss"])
+                                  "fused_segloss.keras.loss", "fused_segloss.keras.metrics"])
 def test_docstring_examples_run(name):
     result = doctest.testmod(importlib.import_module(name),
                              optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -344,6 +344,61 @@ def test_modules_are_cached_per_signature(rng):
 
 
 # ----------------------------------------------------------------------------------------
+# Softmax mode: sparse class ids (rank − 1 labels) and the softmax attributes
+
+
+def _softmax_inputs(rng, shape=(3, 6, 5, 4), ignore_index=255):
+    logits = rng.normal(0.0, 2.0, shape).astype(np.float32)
+    ids = rng.integers(0, shape[-1], shape[:-1])
+    ids[rng.random(ids.shape) < 0.2] = ignore_index
+    return tf.constant(logits), tf.constant(ids.astype(np.uint8))
+
+
+SOFTMAX_OPTIONS = dict(activation="softmax", ignore_index=255, focal_gamma=2.0,
+                       include_background=False)
+
+
+def test_softmax_sparse_labels_run_as_the_custom_call_with_dynamic_shapes(rng, custom_calls):
+    specs = [tf.TensorSpec([None, None, None, 4], tf.float32),
+             tf.TensorSpec([None, None, None], tf.uint8)]
+    step = tf.function(_loss_and_grad(**SOFTMAX_OPTIONS), jit_compile=True,
+                       input_signature=specs)
+    eager = _loss_and_grad("fused", **SOFTMAX_OPTIONS)
+    for shape in [(3, 6, 5, 4), (1, 2, 7, 4)]:
+        logits, ids = _softmax_inputs(rng, shape)
+        (loss, grad), (want_loss, want_grad) = step(logits, ids), eager(logits, ids)
+        # The same kernels; only combine's float32 ops may be reordered by XLA.
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-9)
+    assert step.experimental_get_tracing_count() == 1
+    assert set(custom_calls) == {_xla.STATS_TARGET, _xla.GRAD_TARGET}
+
+
+def test_softmax_hlo_has_no_elementwise_softmax(rng):
+    logits, ids = _softmax_inputs(rng)
+    hlo = _hlo(tf.function(_loss_and_grad(**SOFTMAX_OPTIONS), jit_compile=True), logits, ids)
+    assert 'custom_call_target="fused_segloss_stats"' in hlo
+    assert not ELEMENTWISE_CE_DICE.findall(hlo), ELEMENTWISE_CE_DICE.findall(hlo)
+
+
+def test_softmax_and_sigmoid_modules_are_cached_apart(rng):
+    assert _xla.available()
+    _xla._module.cache_clear()
+    logits, labels = _small_inputs(rng, (2, 6, 5, 3))
+    tf.function(_loss_and_grad(), jit_compile=True)(logits, labels)
+    tf.function(_loss_and_grad(activation="softmax"), jit_compile=True)(logits, labels)
+    assert _xla._module.cache_info().currsize == 4  # stats and gradient, per activation
+
+
+def test_softmax_class_id_errors_are_invalid_argument_errors_under_xla(rng):
+    logits, ids = _softmax_inputs(rng)
+    bad = tf.where(ids == 1, tf.constant(7, tf.uint8), ids)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"`labels` class ids must lie in \[0, C\) = \[0, 4\)"):
+        tf.function(_loss_and_grad(**SOFTMAX_OPTIONS), jit_compile=True)(logits, bad)
+
+
+# ----------------------------------------------------------------------------------------
 # Fallback: never an error for the user
 
 

@@ -1,4 +1,5 @@
-"""How Keras' `sample_weight` becomes the op's element weights, in one place.
+"""How Keras' `sample_weight` becomes the op's element weights, and how Keras' `y_true`
+becomes the op's labels, in one place.
 
 Keras hands a loss `sample_weight` of shape (B,) (one weight per image) or of the label
 shape without the class axis (B, *S) (one weight per pixel). fused_segloss has no
@@ -36,3 +37,28 @@ def sample_weight_to_weights(sample_weight, logits_rank, data_format="channels_l
         f"`sample_weight` of shape {weight.shape} does not fit logits of rank {logits_rank}: "
         "use (B,) per image, (B, *spatial) per pixel, or a tensor of the logits' rank that "
         "broadcasts to them")
+
+
+def keras_labels(y_true, logits, activation, data_format="channels_last"):
+    """`y_true` for segloss_stats: unchanged, except float class ids in softmax mode.
+
+    Keras may hand a loss or metric `y_true` as float32 (a float dataset, or a model
+    compiled for float targets), while the op reads class ids only from integer labels.
+    With activation="softmax", float `y_true` of a sparse shape ([B, *S], or with a class
+    axis of size 1 when C > 1) holds class ids: it is cast to int32, truncating toward
+    zero as Keras' SparseCategoricalCrossentropy does. Float labels of the logits' shape
+    stay dense (one-hot or soft).
+    """
+    if activation != "softmax":
+        return y_true
+    labels = tf.convert_to_tensor(y_true)
+    if not labels.dtype.is_floating:
+        return labels
+    rank = logits.shape.rank
+    if labels.shape.rank is None or rank is None:
+        return labels
+    class_axis = rank - 1 if data_format == "channels_last" else 1
+    sparse = labels.shape.rank == rank - 1 or (
+        labels.shape.rank == rank and labels.shape[class_axis] == 1
+        and logits.shape[class_axis] != 1)
+    return tf.cast(labels, tf.int32) if sparse else labels

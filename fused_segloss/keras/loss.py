@@ -7,10 +7,11 @@ import keras
 import tensorflow as tf
 
 from .. import _inputs
-from ..combine import check_options, check_overlap_with_squared, class_weight_vector, combine
+from ..combine import (check_activation_options, check_options, check_overlap_with_squared,
+                       class_weight_vector, combine)
 from ..ops import segloss_stats
 from . import _distribute
-from ._weights import sample_weight_to_weights
+from ._weights import keras_labels, sample_weight_to_weights
 
 _PACKAGE = "fused_segloss"
 REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight", "sum", "none", None)
@@ -62,7 +63,12 @@ class _RecentStats:
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class SegLoss(keras.losses.Loss):
-    """Sigmoid cross-entropy + soft Dice for multi-label segmentation; `y_pred` are logits.
+    """Cross-entropy + soft Dice for segmentation; `y_pred` are logits.
+
+    activation="sigmoid" (default): multi-label, y_true of the logits' shape.
+    activation="softmax": one class per pixel, y_true one-hot/soft of the logits' shape or
+    class ids [B, *S] or [B, *S, 1] (int, or float holding whole numbers: Keras may hand
+    labels over as float32, so float ids of the sparse shape are cast to int32).
 
     Formula: `fused_segloss.seg_loss(y_pred, y_true, weights, ...)`, i.e.
     total = ce_weight · CE + dice_weight · (1 − Dice) with the reduction order of
@@ -71,8 +77,10 @@ class SegLoss(keras.losses.Loss):
     Args:
       ce_weight, dice_weight, dice_mode, smooth, empty, class_weights, overlap,
         tversky_alpha, tversky_beta: as in `combine`.
-      pos_weight, data_format, squared, implementation, focal_gamma, focal_alpha: as in
-        `segloss_stats` (the focal options modulate the CE term only).
+      pos_weight, data_format, squared, implementation, focal_gamma, focal_alpha,
+        activation, ignore_index: as in `segloss_stats` (the focal options modulate the CE
+        term only; pos_weight and focal_alpha are sigmoid-only).
+      include_background: as in `combine` (False leaves class 0 out of the Dice; softmax only).
       reduction: "sum_over_batch_size" (default), "mean", "mean_with_sample_weight", "sum":
         all give the loss of the whole batch (it is already a mean: CE over weighted
         elements, Dice over classes; there is no per-sample vector to sum or divide).
@@ -92,6 +100,10 @@ class SegLoss(keras.losses.Loss):
     >>> loss = fsl.keras.SegLoss(dice_weight=0.0)       # plain sigmoid cross-entropy
     >>> round(float(loss(np.ones([2, 4, 4, 3]), np.zeros([2, 4, 4, 3]))), 4)   # log(2)
     0.6931
+    >>> loss = fsl.keras.SegLoss(activation="softmax", ignore_index=255, dice_weight=0.0)
+    >>> ids = np.full([2, 4, 4], 255, np.uint8); ids[:, 0] = 1   # one row labelled
+    >>> round(float(loss(ids, np.zeros([2, 4, 4, 3], np.float32))), 4)   # log(3)
+    1.0986
     """
 
     def __init__(self, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=1e-5,
@@ -99,7 +111,8 @@ class SegLoss(keras.losses.Loss):
                  data_format="channels_last", squared=False, implementation="auto",
                  reduction="sum_over_batch_size", name="seg_loss", dtype=None,
                  overlap="dice", tversky_alpha=0.5, tversky_beta=0.5, focal_gamma=0.0,
-                 focal_alpha=None):
+                 focal_alpha=None, activation="sigmoid", ignore_index=None,
+                 include_background=True):
         if reduction not in REDUCTIONS:
             raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
         super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -111,6 +124,11 @@ class SegLoss(keras.losses.Loss):
             raise ValueError(f"`squared` must be a bool, got {squared!r}")
         check_overlap_with_squared(overlap, squared)
         self.focal_gamma, self.focal_alpha = _inputs.check_focal(focal_gamma, focal_alpha)
+        check_activation_options(activation, include_background)
+        self.ignore_index = _inputs.check_activation(activation, pos_weight, self.focal_alpha,
+                                                     ignore_index)
+        self.activation = activation
+        self.include_background = include_background
         self.ce_weight = float(ce_weight)
         self.dice_weight = float(dice_weight)
         self.dice_mode = dice_mode
@@ -134,14 +152,16 @@ class SegLoss(keras.losses.Loss):
     def stats_options(self):
         return dict(data_format=self.data_format, squared=self.squared,
                     implementation=self.implementation, focal_gamma=self.focal_gamma,
-                    focal_alpha=self.focal_alpha)
+                    focal_alpha=self.focal_alpha, activation=self.activation,
+                    ignore_index=self.ignore_index)
 
     @property
     def combine_options(self):
         return dict(ce_weight=self.ce_weight, dice_weight=self.dice_weight,
                     dice_mode=self.dice_mode, smooth=self.smooth, empty=self.empty,
                     class_weights=self.class_weights, overlap=self.overlap,
-                    tversky_alpha=self.tversky_alpha, tversky_beta=self.tversky_beta)
+                    tversky_alpha=self.tversky_alpha, tversky_beta=self.tversky_beta,
+                    activation=self.activation, include_background=self.include_background)
 
     def batch_stats(self, y_true, y_pred, sample_weight=None):
         """This replica's [B, C, 8] statistics (float32) with sample_weight mapped to weights."""
@@ -149,7 +169,8 @@ class SegLoss(keras.losses.Loss):
         if self._explicit_dtype is not None:
             logits = tf.cast(logits, self.dtype)
         weights = sample_weight_to_weights(sample_weight, logits.shape.rank, self.data_format)
-        return segloss_stats(logits, y_true, weights, self.pos_weight, **self.stats_options)
+        labels = keras_labels(y_true, logits, self.activation, self.data_format)
+        return segloss_stats(logits, labels, weights, self.pos_weight, **self.stats_options)
 
     def recent_stats(self, y_true, y_pred, sample_weight=None):
         """The stats of an earlier call on these very tensors, or None (used by SegMetrics)."""
@@ -196,5 +217,7 @@ class SegLoss(keras.losses.Loss):
                       implementation=self.implementation, dtype=self._explicit_dtype,
                       overlap=self.overlap, tversky_alpha=self.tversky_alpha,
                       tversky_beta=self.tversky_beta, focal_gamma=self.focal_gamma,
-                      focal_alpha=self.focal_alpha)
+                      focal_alpha=self.focal_alpha, activation=self.activation,
+                      ignore_index=self.ignore_index,
+                      include_background=self.include_background)
         return config

@@ -6,7 +6,8 @@ combines them exactly as the loss does, so `dice/<class>` is the soft Dice of th
 epoch's pixels (dice_mode "batch" over the epoch), `iou/<class>` the hard IoU
 tp / (pred + label - tp), and `ce/<class>` the mean CE over the class's weighted elements
 (including `pos_weight` and the focal options when the loss has them: it is the loss's CE
-term).
+term; with softmax, over the pixels labelled with the class). When the overlap is not the
+Dice ("jaccard" or "tversky"), `<overlap>/<class>` reports that index per class too.
 
 No second pass where possible: given `loss=` (a SegLoss), the metric first asks the loss
 for the statistics of its call on the very same (y_true, y_pred, sample_weight) objects,
@@ -19,13 +20,15 @@ import keras
 import tensorflow as tf
 
 from .. import _inputs
-from ..combine import combine
+from ..combine import OVERLAPS, combine
 from ..ops import segloss_stats
-from ._weights import sample_weight_to_weights
+from ._weights import keras_labels, sample_weight_to_weights
 from .loss import SegLoss
 
 _PACKAGE = "fused_segloss"
 QUANTITIES = ("dice", "iou", "ce")
+# Overlaps with a per-class index of their own (generalized Dice has one value only).
+PER_CLASS_OVERLAPS = ("jaccard", "tversky")
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -34,16 +37,26 @@ class SegMetrics(keras.metrics.Metric):
 
     class_names: names used in the log keys (or num_classes for "0", "1", ...).
     loss: a SegLoss whose statistics are reused and whose options (data_format, pos_weight,
-        squared, implementation) the metric's own pass uses; without it, pass those options.
+        squared, implementation, activation, ignore_index, overlap, tversky_alpha,
+        tversky_beta) the metric uses where not given; without it, pass those options.
         Its focal options (focal_gamma, focal_alpha) always come from it, so that `ce/<class>`
         is the loss's CE term (plain cross-entropy without a loss).
-    quantities: which of "dice", "iou", "ce" to report.
+    quantities: which of "dice", "iou", "ce" to report; `{prefix}<overlap>/<class>` is
+        added when overlap is "jaccard" or "tversky".
+    activation: "sigmoid" or "softmax" (then y_true may be class ids, as for SegLoss).
+
+    >>> import numpy as np, fused_segloss as fsl
+    >>> m = fsl.keras.SegMetrics(["bg", "cat"], activation="softmax", overlap="jaccard")
+    >>> m.update_state(np.array([[0, 1]]), np.array([[[5.0, -5.0], [-5.0, 5.0]]]))
+    >>> sorted(m.result())
+    ['ce/bg', 'ce/cat', 'dice/bg', 'dice/cat', 'iou/bg', 'iou/cat', 'jaccard/bg', 'jaccard/cat']
     """
 
     def __init__(self, class_names=None, num_classes=None, loss=None,
                  quantities=QUANTITIES, prefix="", smooth=None, data_format=None,
                  pos_weight=None, squared=None, implementation=None, name="seg_metrics",
-                 dtype=None):
+                 dtype=None, activation=None, ignore_index=None, overlap=None,
+                 tversky_alpha=None, tversky_beta=None):
         super().__init__(name=name, dtype=dtype)
         if class_names is None:
             if num_classes is None:
@@ -81,6 +94,15 @@ class SegMetrics(keras.metrics.Metric):
         self.implementation = _inputs.check_choice(
             "implementation", option(implementation, "implementation", "auto"),
             _inputs.IMPLEMENTATIONS)
+        self.activation = _inputs.check_choice(
+            "activation", option(activation, "activation", "sigmoid"), _inputs.ACTIVATIONS)
+        self.ignore_index = _inputs.check_activation(
+            self.activation, self.pos_weight, self.focal_alpha,
+            option(ignore_index, "ignore_index", None))
+        self.overlap = _inputs.check_choice("overlap", option(overlap, "overlap", "dice"),
+                                            OVERLAPS)
+        self.tversky_alpha = float(option(tversky_alpha, "tversky_alpha", 0.5))
+        self.tversky_beta = float(option(tversky_beta, "tversky_beta", 0.5))
         self.totals = self.add_variable(shape=(len(class_names), 8), initializer="zeros",
                                         dtype="float32", aggregation="sum", name="totals")
         # Set while tracing (or per eager call): whether the last update reused the loss's stats.
@@ -89,10 +111,12 @@ class SegMetrics(keras.metrics.Metric):
     def _own_stats(self, y_true, y_pred, sample_weight):
         logits = tf.convert_to_tensor(y_pred)
         weights = sample_weight_to_weights(sample_weight, logits.shape.rank, self.data_format)
-        return segloss_stats(tf.stop_gradient(logits), y_true, weights, self.pos_weight,
+        labels = keras_labels(y_true, logits, self.activation, self.data_format)
+        return segloss_stats(tf.stop_gradient(logits), labels, weights, self.pos_weight,
                              data_format=self.data_format, squared=self.squared,
                              implementation=self.implementation, focal_gamma=self.focal_gamma,
-                             focal_alpha=self.focal_alpha)
+                             focal_alpha=self.focal_alpha, activation=self.activation,
+                             ignore_index=self.ignore_index)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         stats = None
@@ -107,16 +131,25 @@ class SegMetrics(keras.metrics.Metric):
                              f"{len(self.class_names)} class names were given")
         self.totals.assign_add(tf.reduce_sum(stats, axis=0))
 
+    def _combined(self):
+        return combine(tf.convert_to_tensor(self.totals)[tf.newaxis], smooth=self.smooth,
+                       overlap=self.overlap, tversky_alpha=self.tversky_alpha,
+                       tversky_beta=self.tversky_beta)
+
     def per_class(self):
         """(ce, dice, iou), each [C], of everything accumulated so far."""
-        res = combine(tf.convert_to_tensor(self.totals)[tf.newaxis], smooth=self.smooth)
+        res = self._combined()
         return res.ce_per_class, res.dice_per_class, res.iou_per_class
 
     def result(self):
-        ce, dice, iou = self.per_class()
-        values = {"dice": dice, "iou": iou, "ce": ce}
+        res = self._combined()
+        values = {"dice": res.dice_per_class, "iou": res.iou_per_class, "ce": res.ce_per_class}
+        quantities = list(self.quantities)
+        if self.overlap in PER_CLASS_OVERLAPS:
+            values[self.overlap] = res.overlap_per_class
+            quantities.append(self.overlap)
         return {f"{self.prefix}{q}/{name}": values[q][c]
-                for q in self.quantities for c, name in enumerate(self.class_names)}
+                for q in quantities for c, name in enumerate(self.class_names)}
 
     def reset_state(self):
         self.totals.assign(tf.zeros_like(self.totals))
@@ -127,6 +160,9 @@ class SegMetrics(keras.metrics.Metric):
                 "smooth": self.smooth, "data_format": self.data_format,
                 "pos_weight": None if self.pos_weight is None else list(self.pos_weight),
                 "squared": self.squared, "implementation": self.implementation,
+                "activation": self.activation, "ignore_index": self.ignore_index,
+                "overlap": self.overlap, "tversky_alpha": self.tversky_alpha,
+                "tversky_beta": self.tversky_beta,
                 "loss": None if self.loss is None else keras.saving.serialize_keras_object(self.loss)}
 
 
