@@ -1,29 +1,58 @@
 // The CPU kernels' entry points (segloss_cpu.h): argument checks, the dtype dispatch to
-// the typed passes of segloss_cpu_forward.cc and segloss_cpu_grad.cc, and the fixed work
-// plan both passes share. No per-element math here (that is segloss_math.h).
+// the typed passes (sigmoid: segloss_cpu_forward.cc and segloss_cpu_grad.cc; softmax:
+// segloss_cpu_softmax_forward.cc and segloss_cpu_softmax_grad.cc, dense labels or class
+// ids), and the fixed work plan of the sigmoid passes. No per-element math here (that is
+// segloss_math.h and segloss_softmax_math.h).
 //
 // Checks: shapes and pointers (ValidateProblem, also the CUDA launcher's), pos_weight
-// values (finite, >= 0), and the (logits, labels) dtype pair. Label and weight values are
+// values (finite, >= 0), the options softmax mode excludes (pos_weight, focal_alpha), and
+// the (logits, labels) dtype pair. Label, class id and weight values are
 // checked during the forward pass itself (InvalidValuesMessage); the gradient trusts them,
 // because a forward pass over the same inputs came first.
 #include "segloss_cpu.h"
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
 
 #include "segloss_cpu_blocks.h"
+#include "segloss_cpu_softmax.h"
 
 namespace fused_segloss {
 namespace {
 
 // "" when the kernels exist for the problem's dtype pair, else what is wrong.
 std::string CheckDTypes(const SeglossProblem& p) {
-  if (DTypesSupported(p.logits_dtype, p.labels_dtype)) return "";
+  if (p.sparse_labels) {
+    const bool supported = DispatchClassIdDTypes<bool>(p.logits_dtype, p.labels_dtype, false,
+                                                       [](auto, auto) { return true; });
+    if (supported) return "";
+  } else if (DTypesSupported(p.logits_dtype, p.labels_dtype)) {
+    return "";
+  }
   if (!DTypesSupported(p.logits_dtype, DType::kFloat32)) {
     return std::string("`logits` must be float16, bfloat16, float32 or float64, got ") +
            DTypeName(p.logits_dtype);
   }
-  return "unsupported `labels` dtype";
+  return std::string(p.sparse_labels
+                         ? "sparse `labels` (class ids) must be uint8, int32 or int64, got "
+                         : "dense `labels` must be a float type, uint8 or bool, got ") +
+         DTypeName(p.labels_dtype);
+}
+
+// The softmax kernels for the problem's storage types (dense labels or class ids).
+template <typename Fn>
+std::string DispatchSoftmax(const SeglossProblem& p, Fn&& fn) {
+  if (p.sparse_labels) {
+    return DispatchClassIdDTypes<std::string>(
+        p.logits_dtype, p.labels_dtype, std::string("unsupported `labels` dtype"),
+        [&](auto logit_tag, auto id_tag) { return fn(logit_tag, id_tag, std::true_type{}); });
+  }
+  return DispatchDTypes<std::string>(
+      p.logits_dtype, p.labels_dtype, std::string("unsupported `labels` dtype"),
+      [&](auto logit_tag, auto label_tag) {
+        return fn(logit_tag, label_tag, std::false_type{});
+      });
 }
 
 }  // namespace
@@ -99,6 +128,23 @@ std::string ValidateProblem(const SeglossProblem& p) {
     return "`focal_alpha` must lie in [0, 1] (negative: none), got " +
            std::to_string(p.focal.alpha);
   }
+  if (p.activation != Activation::kSigmoid && p.activation != Activation::kSoftmax) {
+    return "`activation` must be sigmoid or softmax";
+  }
+  if (p.activation == Activation::kSoftmax) {
+    if (p.pos_weight != nullptr) {
+      return "`pos_weight` has no meaning with activation='softmax' (use class_weights)";
+    }
+    if (p.focal.alpha >= 0.0f) {
+      return "`focal_alpha` has no meaning with activation='softmax' (use class_weights), "
+             "got " + std::to_string(p.focal.alpha);
+    }
+  } else if (p.sparse_labels || p.has_ignore_index) {
+    return "sparse `labels` (class ids) and `ignore_index` need activation='softmax'";
+  }
+  if (p.has_ignore_index && !p.sparse_labels) {
+    return "`ignore_index` needs sparse integer `labels` (class ids)";
+  }
   return "";
 }
 
@@ -117,6 +163,13 @@ std::string ComputeStatsCpu(const SeglossProblem& problem, const ParallelFor& pa
   if (error.empty()) error = ValidatePosWeight(problem);
   if (error.empty()) error = CheckDTypes(problem);
   if (!error.empty()) return error;
+  if (problem.activation == Activation::kSoftmax) {
+    return DispatchSoftmax(problem, [&](auto logit_tag, auto label_tag, auto sparse) {
+      return cpu::SoftmaxStatsForTypes<decltype(logit_tag), decltype(label_tag),
+                                       decltype(sparse)::value>(problem, parallel_for,
+                                                                stats_out);
+    });
+  }
   return DispatchDTypes<std::string>(
       problem.logits_dtype, problem.labels_dtype, std::string(),
       [&](auto logit_tag, auto label_tag) {
@@ -130,6 +183,13 @@ std::string ComputeLogitGradCpu(const SeglossProblem& problem, const float* grad
   std::string error = ValidateProblem(problem);
   if (error.empty()) error = CheckDTypes(problem);
   if (!error.empty()) return error;
+  if (problem.activation == Activation::kSoftmax) {
+    return DispatchSoftmax(problem, [&](auto logit_tag, auto label_tag, auto sparse) {
+      return cpu::SoftmaxLogitGradForTypes<decltype(logit_tag), decltype(label_tag),
+                                           decltype(sparse)::value>(
+          problem, grad_stats, parallel_for, grad_logits_out);
+    });
+  }
   return DispatchDTypes<std::string>(
       problem.logits_dtype, problem.labels_dtype, std::string(),
       [&](auto logit_tag, auto label_tag) {

@@ -11,7 +11,9 @@
 //
 // Files: segloss_cpu.cc (checks, dtype dispatch, the work plan), segloss_cpu_forward.cc
 // (statistics), segloss_cpu_grad.cc (gradient), segloss_cpu_blocks.h (the partition and
-// input loads both passes share), segloss_cpu_lanes.h and simd.h (SIMD lanes).
+// input loads both passes share), segloss_cpu_lanes.h and simd.h (SIMD lanes); softmax
+// mode: segloss_cpu_softmax_forward.cc, segloss_cpu_softmax_grad.cc and their shared
+// partition and staging, segloss_cpu_softmax.h.
 #pragma once
 
 #include <cstdint>

@@ -37,10 +37,17 @@ std::string ProblemFromOperands(const OperandView& logits, const OperandView& la
   const bool id_dtype = p->labels_dtype == DType::kInt32 || p->labels_dtype == DType::kInt64 ||
                         (sparse && p->labels_dtype == DType::kUInt8);
   if (sparse != id_dtype) {
-    return sparse ? std::string("sparse `labels` (class ids) must be uint8, int32 or int64, got ") +
-                        DTypeName(p->labels_dtype)
-                  : std::string("`labels` of dtype ") + DTypeName(p->labels_dtype) +
-                        " are class ids: their shape must be the logits' without the class axis";
+    if (sparse) {
+      return std::string("sparse `labels` (class ids) must be uint8, int32 or int64, got ") +
+             DTypeName(p->labels_dtype);
+    }
+    if (!softmax) {
+      return std::string("`labels` must be a float type, uint8 or bool, got ") +
+             DTypeName(p->labels_dtype) + " (class ids need activation='softmax')";
+    }
+    return std::string("`labels` of dtype ") + DTypeName(p->labels_dtype) +
+           " are class ids: their shape must be the logits' without the class axis (dense "
+           "labels: a float type, uint8 or bool)";
   }
   if (options.has_ignore_index && !sparse) {
     return "`ignore_index` needs sparse integer `labels` (class ids)";

@@ -41,10 +41,13 @@ struct SoftmaxPixel {
   T inv_sum;
 };
 
-// load(c) returns x_c as a T. NaN logits make s, and so every term, NaN (exp(NaN) is
-// NaN), so they propagate instead of being skipped by the max.
-template <typename T, typename LoadLogit>
-FSL_HD SoftmaxPixel<T> SoftmaxNormalise(int64_t classes, LoadLogit&& load) {
+// load(c) returns x_c as a T; keep(c, e) receives each e_c = exp(x_c - m) as it is summed
+// (a kernel may store them for SoftmaxClassGivenExp instead of computing them again).
+// NaN logits make s, and so every term, NaN (exp(NaN) is NaN), so they propagate instead
+// of being skipped by the max.
+template <typename T, typename LoadLogit, typename KeepExp>
+FSL_HD SoftmaxPixel<T> SoftmaxNormaliseKeepingExp(int64_t classes, LoadLogit&& load,
+                                                  KeepExp&& keep) {
   SoftmaxPixel<T> px;
   px.max = load(0);
   px.argmax = T(0.0f);
@@ -55,11 +58,26 @@ FSL_HD SoftmaxPixel<T> SoftmaxNormalise(int64_t classes, LoadLogit&& load) {
     px.max = Select(greater, x, px.max);
   }
   T sum(0.0f);
-  for (int64_t c = 0; c < classes; ++c) sum += ExpNonPositive(load(c) - px.max);
+  for (int64_t c = 0; c < classes; ++c) {
+    const T e = ExpNonPositive(load(c) - px.max);
+    keep(c, e);
+    sum += e;
+  }
   // s - 1 is exact for s <= 2 (Sterbenz), where log s is small and that matters.
   px.log_sum = Log1pWide(sum - T(1.0f));
   px.inv_sum = Reciprocal(sum);
   return px;
+}
+
+// The keep of SoftmaxNormalise: the exponentials are not kept.
+struct SoftmaxDiscardExp {
+  template <typename T>
+  FSL_HD void operator()(int64_t, const T&) const {}
+};
+
+template <typename T, typename LoadLogit>
+FSL_HD SoftmaxPixel<T> SoftmaxNormalise(int64_t classes, LoadLogit&& load) {
+  return SoftmaxNormaliseKeepingExp<T>(classes, load, SoftmaxDiscardExp{});
 }
 
 // p_c and -log p_c of one class, given e = exp(x - m) (ExpNonPositive(x - m)).

@@ -7,13 +7,16 @@
 //
 // Operands, as the TF op takes them (the Python layer canonicalises them):
 //   logits     [B, *S, C] or [B, C, *S]; float32, float64, float16 or bfloat16
-//   labels     same shape; any of those, uint8 or pred (bool: one byte, 0 or 1)
+//   labels     same shape; any of those, uint8 or pred (bool: one byte, 0 or 1); with
+//              softmax also the shape without the class axis: class ids, u8, s32 or s64
 //   weights    float32 canonical view [Bw, Nw, Cw] / [Bw, Cw, Nw], or rank-1 empty
 //   pos_weight float32 [C], or rank-0 (absent)
 //   grad_stats float32 [B, C, 8]            (gradient handler only)
 // Attributes: channels_last (bool), squared (bool), check_numerics (bool, stats only),
 //   focal_gamma (f32, >= 0) and focal_alpha (f32, in [0, 1]; negative means none): the
-//   focal modulation of ce_sum (csrc/core/segloss_focal_math.h; 0 and -1 give plain ce).
+//   focal modulation of ce_sum (csrc/core/segloss_focal_math.h; 0 and -1 give plain ce);
+//   softmax (bool: one class per pixel, csrc/core/segloss_softmax_math.h; else sigmoid),
+//   has_ignore_index (bool) and ignore_index (i64): the class id whose pixels get weight 0.
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -47,21 +50,41 @@ bool ToCoreDType(ffi::DataType dtype, DType* out) {
     case ffi::DataType::U8: *out = DType::kUInt8; return true;
     // XLA stores PRED as one byte holding 0 or 1, which is the layout of C++ bool.
     case ffi::DataType::PRED: *out = DType::kBool; return true;
+    case ffi::DataType::S32: *out = DType::kInt32; return true;
+    case ffi::DataType::S64: *out = DType::kInt64; return true;
     default: return false;
   }
+}
+
+// The attributes every handler takes, as the core's options.
+fused_segloss::ProblemOptions OptionsOf(bool channels_last, bool squared, float focal_gamma,
+                                        float focal_alpha, bool softmax, bool has_ignore_index,
+                                        int64_t ignore_index) {
+  fused_segloss::ProblemOptions options;
+  options.channels_last = channels_last;
+  options.squared = squared;
+  options.focal.gamma = focal_gamma;
+  options.focal.alpha = focal_alpha;
+  options.activation =
+      softmax ? fused_segloss::Activation::kSoftmax : fused_segloss::Activation::kSigmoid;
+  options.has_ignore_index = has_ignore_index;
+  options.ignore_index = ignore_index;
+  return options;
 }
 
 // Returns "" or a message naming the argument (shared rules: core/segloss_operands.h).
 std::string ProblemFromBuffers(const ffi::AnyBuffer& logits, const ffi::AnyBuffer& labels,
                                const ffi::AnyBuffer& weights, const ffi::AnyBuffer& pos_weight,
-                               bool channels_last, bool squared, bool check_numerics,
-                               float focal_gamma, float focal_alpha, SeglossProblem* p) {
+                               const fused_segloss::ProblemOptions& options,
+                               bool check_numerics, SeglossProblem* p) {
   if (!ToCoreDType(logits.element_type(), &p->logits_dtype) ||
-      p->logits_dtype == DType::kUInt8 || p->logits_dtype == DType::kBool) {
+      p->logits_dtype == DType::kUInt8 || p->logits_dtype == DType::kBool ||
+      p->logits_dtype == DType::kInt32 || p->logits_dtype == DType::kInt64) {
     return "unsupported dtype for `logits` (float16, bfloat16, float32 or float64 expected)";
   }
   if (!ToCoreDType(labels.element_type(), &p->labels_dtype)) {
-    return "unsupported dtype for `labels` (a float type, uint8 or bool expected)";
+    return "unsupported dtype for `labels` (a float type, uint8 or bool expected; class ids: "
+           "uint8, int32 or int64)";
   }
   if (weights.element_type() != ffi::DataType::F32) return "`weights` must be float32";
   if (pos_weight.element_type() != ffi::DataType::F32) return "`pos_weight` must be float32";
@@ -71,11 +94,6 @@ std::string ProblemFromBuffers(const ffi::AnyBuffer& logits, const ffi::AnyBuffe
                                       static_cast<int>(dims.size())};
   };
   p->check_numerics = check_numerics;
-  fused_segloss::ProblemOptions options;
-  options.channels_last = channels_last;
-  options.squared = squared;
-  options.focal.gamma = focal_gamma;
-  options.focal.alpha = focal_alpha;
   return fused_segloss::ProblemFromOperands(view(logits), view(labels), view(weights),
                                             view(pos_weight), options, p);
 }
@@ -97,13 +115,15 @@ fused_segloss::ParallelFor PoolParallelFor(ffi::ThreadPool* pool) {
 
 ffi::Error StatsHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                      ffi::AnyBuffer pos_weight, bool channels_last, bool squared,
-                     bool check_numerics, float focal_gamma, float focal_alpha,
-                     ffi::ThreadPool pool,
+                     bool check_numerics, float focal_gamma, float focal_alpha, bool softmax,
+                     bool has_ignore_index, int64_t ignore_index, ffi::ThreadPool pool,
                      ffi::Result<ffi::Buffer<ffi::F32>> stats) {
   SeglossProblem problem;
-  std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
-                                         squared, check_numerics, focal_gamma, focal_alpha,
-                                         &problem);
+  std::string error = ProblemFromBuffers(
+      logits, labels, weights, pos_weight,
+      OptionsOf(channels_last, squared, focal_gamma, focal_alpha, softmax, has_ignore_index,
+                ignore_index),
+      check_numerics, &problem);
   if (error.empty()) {
     error = fused_segloss::ComputeStatsCpu(problem, PoolParallelFor(&pool),
                                            stats->typed_data());
@@ -115,12 +135,15 @@ ffi::Error StatsHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffe
 ffi::Error StatsGradHost(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                          ffi::AnyBuffer pos_weight, ffi::Buffer<ffi::F32> grad_stats,
                          bool channels_last, bool squared, float focal_gamma,
-                         float focal_alpha, ffi::ThreadPool pool,
+                         float focal_alpha, bool softmax, bool has_ignore_index,
+                         int64_t ignore_index, ffi::ThreadPool pool,
                          ffi::Result<ffi::AnyBuffer> grad_logits) {
   SeglossProblem problem;
-  std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
-                                         squared, /*check_numerics=*/false, focal_gamma,
-                                         focal_alpha, &problem);
+  std::string error = ProblemFromBuffers(
+      logits, labels, weights, pos_weight,
+      OptionsOf(channels_last, squared, focal_gamma, focal_alpha, softmax, has_ignore_index,
+                ignore_index),
+      /*check_numerics=*/false, &problem);
   if (error.empty()) error = CheckGradStats(problem, grad_stats.dimensions());
   if (error.empty() && grad_logits->element_type() != logits.element_type()) {
     error = "the gradient must have the logits' dtype";
@@ -147,13 +170,16 @@ ffi::Error FromCudaStatus(int code, const char* op) {
 
 ffi::Error StatsCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                      ffi::AnyBuffer pos_weight, bool channels_last, bool squared,
-                     bool check_numerics, float focal_gamma, float focal_alpha, void* stream,
+                     bool check_numerics, float focal_gamma, float focal_alpha, bool softmax,
+                     bool has_ignore_index, int64_t ignore_index, void* stream,
                      ffi::ScratchAllocator scratch,
                      ffi::Result<ffi::Buffer<ffi::F32>> stats) {
   SeglossProblem problem;
-  const std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight,
-                                               channels_last, squared, check_numerics,
-                                               focal_gamma, focal_alpha, &problem);
+  const std::string error = ProblemFromBuffers(
+      logits, labels, weights, pos_weight,
+      OptionsOf(channels_last, squared, focal_gamma, focal_alpha, softmax, has_ignore_index,
+                ignore_index),
+      check_numerics, &problem);
   if (!error.empty()) return ffi::Error::InvalidArgument("FusedSeglossStats: " + error);
   if (check_numerics) {
     return ffi::Error::InvalidArgument(
@@ -183,12 +209,15 @@ ffi::Error StatsCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffe
 ffi::Error StatsGradCuda(ffi::AnyBuffer logits, ffi::AnyBuffer labels, ffi::AnyBuffer weights,
                          ffi::AnyBuffer pos_weight, ffi::Buffer<ffi::F32> grad_stats,
                          bool channels_last, bool squared, float focal_gamma,
-                         float focal_alpha, void* stream,
+                         float focal_alpha, bool softmax, bool has_ignore_index,
+                         int64_t ignore_index, void* stream,
                          ffi::Result<ffi::AnyBuffer> grad_logits) {
   SeglossProblem problem;
-  std::string error = ProblemFromBuffers(logits, labels, weights, pos_weight, channels_last,
-                                         squared, /*check_numerics=*/false, focal_gamma,
-                                         focal_alpha, &problem);
+  std::string error = ProblemFromBuffers(
+      logits, labels, weights, pos_weight,
+      OptionsOf(channels_last, squared, focal_gamma, focal_alpha, softmax, has_ignore_index,
+                ignore_index),
+      /*check_numerics=*/false, &problem);
   if (error.empty()) error = CheckGradStats(problem, grad_stats.dimensions());
   if (error.empty() && grad_logits->element_type() != logits.element_type()) {
     error = "the gradient must have the logits' dtype";
@@ -215,6 +244,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsHost, StatsHost,
                                   .Attr<bool>("check_numerics")
                                   .Attr<float>("focal_gamma")
                                   .Attr<float>("focal_alpha")
+                                  .Attr<bool>("softmax")
+                                  .Attr<bool>("has_ignore_index")
+                                  .Attr<int64_t>("ignore_index")
                                   .Ctx<ffi::ThreadPool>()
                                   .Ret<ffi::Buffer<ffi::F32>>());  // stats [B, C, 8]
 
@@ -229,6 +261,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsGradHost, StatsGradHost,
                                   .Attr<bool>("squared")
                                   .Attr<float>("focal_gamma")
                                   .Attr<float>("focal_alpha")
+                                  .Attr<bool>("softmax")
+                                  .Attr<bool>("has_ignore_index")
+                                  .Attr<int64_t>("ignore_index")
                                   .Ctx<ffi::ThreadPool>()
                                   .Ret<ffi::AnyBuffer>());         // grad_logits
 
@@ -251,6 +286,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsCuda, StatsCuda,
                                   .Attr<bool>("check_numerics")
                                   .Attr<float>("focal_gamma")
                                   .Attr<float>("focal_alpha")
+                                  .Attr<bool>("softmax")
+                                  .Attr<bool>("has_ignore_index")
+                                  .Attr<int64_t>("ignore_index")
                                   .Ctx<ffi::PlatformStream<void*>>()
                                   .Ctx<ffi::ScratchAllocator>()
                                   .Ret<ffi::Buffer<ffi::F32>>());  // stats [B, C, 8]
@@ -266,6 +304,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedSeglossStatsGradCuda, StatsGradCuda,
                                   .Attr<bool>("squared")
                                   .Attr<float>("focal_gamma")
                                   .Attr<float>("focal_alpha")
+                                  .Attr<bool>("softmax")
+                                  .Attr<bool>("has_ignore_index")
+                                  .Attr<int64_t>("ignore_index")
                                   .Ctx<ffi::PlatformStream<void*>>()
                                   .Ret<ffi::AnyBuffer>());         // grad_logits
 
