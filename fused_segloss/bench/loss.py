@@ -130,8 +130,8 @@ def make_step(label, shape):
             else:
                 options = fused_options(shape)
                 if family == "fused-plain":
-                    family, options["focal_gamma"] = "fused", 0.0
-                loss = fsl.seg_loss(x, z, implementation=family, **options)
+                    options["focal_gamma"] = 0.0
+                loss = fsl.seg_loss(x, z, implementation=family.split("-")[0], **options)
         return loss, tape.gradient(loss, x)
     step = tf.function(step, jit_compile=jit, autograph=False)
 

@@ -26,12 +26,14 @@ def class_breakdown(stats, **combine_options):
 
 def format_class_table(breakdown, class_names):
     total = breakdown["total"]
-    lines = [f"{'class':<8}{'pixels':>9}{'CE':>9}{'soft Dice':>11}{'IoU':>8}{'share of loss':>15}"]
+    width = max(8, max(len(name) for name in class_names) + 2)
+    lines = [f"{'class':<{width}}{'pixels':>9}{'CE':>9}{'soft Dice':>11}{'IoU':>8}"
+             f"{'share of loss':>15}"]
     for c, name in enumerate(class_names):
         share = breakdown["contribution"][c] / total if total > 0 else 0.0
-        lines.append(f"{name:<8}{breakdown['pixels'][c]:>8.2%}{breakdown['ce'][c]:>9.4f}"
+        lines.append(f"{name:<{width}}{breakdown['pixels'][c]:>8.2%}{breakdown['ce'][c]:>9.4f}"
                      f"{breakdown['dice'][c]:>11.3f}{breakdown['iou'][c]:>8.3f}{share:>15.1%}")
-    lines.append(f"{'total':<8}{'':>9}{'':>9}{'':>11}{'':>8}{total:>15.4f}")
+    lines.append(f"{'total':<{width}}{'':>9}{'':>9}{'':>11}{'':>8}{total:>15.4f}")
     return "\n".join(lines)
 
 
