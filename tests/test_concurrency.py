@@ -25,30 +25,44 @@ ROOT = os.path.dirname(HERE)
 # Problems big enough that the kernels cut them into several work items (32768 elements
 # each; channels_first rows of 40000 positions need two): the cases where a thread count
 # could change the order of a sum.
+# (shape, data_format, dtype, activation); softmax problems use uint8 class ids.
 PROBLEMS = {
-    "channels_last-float32": ((2, 160, 160, 3), "channels_last", np.float32),
-    "channels_first-float32": ((2, 3, 200, 200), "channels_first", np.float32),
-    "channels_last-float16-C17": ((1, 90, 90, 17), "channels_last", np.float16),
+    "channels_last-float32": ((2, 160, 160, 3), "channels_last", np.float32, "sigmoid"),
+    "channels_first-float32": ((2, 3, 200, 200), "channels_first", np.float32, "sigmoid"),
+    "channels_last-float16-C17": ((1, 90, 90, 17), "channels_last", np.float16, "sigmoid"),
+    "softmax-channels_last-C21": ((2, 120, 120, 21), "channels_last", np.float32, "softmax"),
+    "softmax-channels_first-C5": ((2, 5, 200, 200), "channels_first", np.float32, "softmax"),
 }
+IGNORE_INDEX = 255
 
 
-def make_inputs(shape, data_format, dtype, seed):
+def make_inputs(shape, data_format, dtype, activation="sigmoid", seed=0):
+    """(x, z, w, pw): float labels and pos_weight for sigmoid; for softmax, uint8 class ids
+    (some equal to IGNORE_INDEX) and no pos_weight."""
     rng = np.random.default_rng(seed)
     x = rng.normal(0.0, 3.0, shape).astype(dtype)
-    z = rng.random(shape).astype(np.float32)
     w_shape = list(shape)
-    w_shape[-1 if data_format == "channels_last" else 1] = 1
+    class_axis = len(shape) - 1 if data_format == "channels_last" else 1
+    w_shape[class_axis] = 1
     w = rng.uniform(0.0, 2.0, w_shape).astype(np.float32)
-    classes = shape[-1] if data_format == "channels_last" else shape[1]
+    classes = shape[class_axis]
+    if activation == "softmax":
+        ids = rng.integers(0, classes, np.delete(shape, class_axis)).astype(np.uint8)
+        ids[rng.random(ids.shape) < 0.1] = IGNORE_INDEX
+        return x, ids, w, None
+    z = rng.random(shape).astype(np.float32)
     pw = rng.uniform(0.5, 3.0, classes).astype(np.float32)
     return x, z, w, pw
 
 
 def _stats_and_grad_tensors(x, z, w, pw, data_format):
-    """[B, C, 8] stats and d(sum(stats * upstream))/dlogits with a fixed upstream."""
+    """[B, C, 8] stats and d(sum(stats * upstream))/dlogits with a fixed upstream. Sparse
+    labels (one rank less than the logits) mean softmax mode."""
+    softmax = len(z.shape) < len(x.shape)
+    options = {"activation": "softmax", "ignore_index": IGNORE_INDEX} if softmax else {}
     with tf.GradientTape() as tape:
         tape.watch(x)
-        stats = fsl.segloss_stats(x, z, w, pw, data_format=data_format)
+        stats = fsl.segloss_stats(x, z, w, pw, data_format=data_format, **options)
         upstream = tf.reshape(tf.range(tf.size(stats), dtype=tf.float32) % 7.0 - 3.0,
                               tf.shape(stats))
         value = tf.reduce_sum(stats * upstream)
@@ -62,7 +76,7 @@ def stats_and_grad(x, z, w, pw, data_format, jit=False):
 
     if jit:
         compute = tf.function(compute, jit_compile=True)
-    stats, grad = compute(*(tf.convert_to_tensor(a) for a in (x, z, w, pw)))
+    stats, grad = compute(*(None if a is None else tf.convert_to_tensor(a) for a in (x, z, w, pw)))
     return np.asarray(stats), np.asarray(grad)
 
 
@@ -81,8 +95,8 @@ def require_library():
 @pytest.mark.parametrize("jit", [False, True], ids=["fused", "xla"])
 def test_twenty_runs_are_bitwise_identical(problem_id, jit):
     require_library()
-    shape, data_format, dtype = PROBLEMS[problem_id]
-    inputs = make_inputs(shape, data_format, dtype, seed=1)
+    shape, data_format, dtype, activation = PROBLEMS[problem_id]
+    inputs = make_inputs(shape, data_format, dtype, activation, seed=1)
     first_stats, first_grad = stats_and_grad(*inputs, data_format, jit=jit)
     assert np.isfinite(first_stats).all() and np.isfinite(first_grad.astype(np.float64)).all()
     for run in range(19):
@@ -108,8 +122,8 @@ import fused_segloss as fsl
 assert fsl.fused_available(), "the op library did not load"
 import test_concurrency as t
 arrays = {{"intra_op_threads": np.array(tf.config.threading.get_intra_op_parallelism_threads())}}
-for name, (shape, data_format, dtype) in t.PROBLEMS.items():
-    inputs = t.make_inputs(shape, data_format, dtype, seed=1)
+for name, (shape, data_format, dtype, activation) in t.PROBLEMS.items():
+    inputs = t.make_inputs(shape, data_format, dtype, activation, seed=1)
     for jit in (False, True):
         stats, grad = t.stats_and_grad(*inputs, data_format, jit=jit)
         arrays[f"{{name}}-jit{{jit}}-stats"] = stats
@@ -141,8 +155,8 @@ def test_results_are_identical_across_thread_settings_and_under_op_determinism(t
             if key != "intra_op_threads":
                 assert_bitwise_equal(results[setting][key], value, f"{key} with {setting}")
     # And the same bits as in this process (default settings, after other tests ran).
-    for name, (shape, data_format, dtype) in PROBLEMS.items():
-        stats, grad = stats_and_grad(*make_inputs(shape, data_format, dtype, seed=1),
+    for name, (shape, data_format, dtype, activation) in PROBLEMS.items():
+        stats, grad = stats_and_grad(*make_inputs(shape, data_format, dtype, activation, seed=1),
                                      data_format)
         assert_bitwise_equal(stats, baseline[f"{name}-jitFalse-stats"], name)
         assert_bitwise_equal(grad, baseline[f"{name}-jitFalse-grad"], name)

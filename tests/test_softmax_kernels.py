@@ -279,7 +279,7 @@ def test_extreme_logits_stay_finite(rng, check, data_format, labels):
     stats = core_stats(x, z, w, data_format, focal_gamma=0.5)
     check.stats(stats, npsm.stats(x, z, w, data_format=data_format, focal_gamma=0.5), "float32")
     upstream = rng.normal(0.0, 1.0, stats.shape).astype(np.float32)
-    for gamma in (0.0, 0.5, 2.0):
+    for gamma in (0.0, 0.5, 1.0, 2.0, 5.0):
         grad = core_grad(x, z, w, upstream, data_format, focal_gamma=gamma)
         wanted = stable_logit_grad(x, z, w, upstream, data_format, focal_gamma=gamma)
         scale = grad_scale(x, z, w, upstream, data_format, focal_gamma=gamma)
