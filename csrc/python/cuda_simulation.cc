@@ -69,6 +69,20 @@ fc::KernelProblem KernelProblemFor(const SeglossProblem& p, const void* grad_out
   return k;
 }
 
+// The launcher's second stage: every (image, class, column) from the block records.
+void CombineAll(const fc::LaunchPlan& plan, const fused_segloss::ProblemShape& s,
+                const std::vector<double>& partials, float* stats) {
+  constexpr int kStats = fused_segloss::kNumStats;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t c = 0; c < s.classes; ++c) {
+      for (int k = 0; k < kStats; ++k) {
+        stats[(b * s.classes + c) * kStats + k] =
+            fc::CombineStat(plan, s, partials.data(), b, c, k);
+      }
+    }
+  }
+}
+
 // The forward launch, block by block and thread by thread. Returns the error message
 // ("" if the values are valid), the statistics in `stats`.
 template <typename LogitT, typename LabelT, bool kSquared>
@@ -109,15 +123,7 @@ std::string SimulateStats(const SeglossProblem& p, bool vector_loads, float* sta
   }
   const std::string error = fused_segloss::InvalidValuesMessage(total.labels, total.weights);
   if (!error.empty()) return error;
-  const fused_segloss::ProblemShape& s = p.shape;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    for (int64_t c = 0; c < s.classes; ++c) {
-      for (int k = 0; k < kStats; ++k) {
-        stats[(b * s.classes + c) * kStats + k] =
-            fc::CombineStat(plan, s, partials.data(), b, c, k);
-      }
-    }
-  }
+  CombineAll(plan, p.shape, partials, stats);
   return "";
 }
 
@@ -171,15 +177,7 @@ std::string SimulateSoftmaxStats(const SeglossProblem& p, float* stats) {
                                                             ids_total.max);
   if (error.empty()) error = fused_segloss::InvalidValuesMessage(total.labels, total.weights);
   if (!error.empty()) return error;
-  const fused_segloss::ProblemShape& s = p.shape;
-  for (int64_t b = 0; b < s.batch; ++b) {
-    for (int64_t c = 0; c < s.classes; ++c) {
-      for (int k = 0; k < kStats; ++k) {
-        stats[(b * s.classes + c) * kStats + k] =
-            fc::CombineStat(plan, s, partials.data(), b, c, k);
-      }
-    }
-  }
+  CombineAll(plan, p.shape, partials, stats);
   return "";
 }
 

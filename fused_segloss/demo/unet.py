@@ -1,4 +1,4 @@
-"""The U-Net of the seeds' question: 8 -> 128 filters, 5 outputs, logits out (no sigmoid)."""
+"""The demo's U-Net: 8 -> 128 filters, one output per class, logits out (no sigmoid or softmax)."""
 import keras
 
 FILTERS = (8, 16, 32, 64)
@@ -15,7 +15,7 @@ def _conv_block(x, filters):
 def build_unet(size, classes, channels=3):
     """Encoder 8-16-32-64, bottleneck 128, mirrored decoder; the last 1x1 conv gives logits.
 
-    The sigmoid is inside the loss (and the metrics threshold logits at 0), so the model
+    The sigmoid or softmax is inside the loss (and the metrics take logits), so the model
     never computes probabilities itself.
     """
     inputs = keras.Input((size, size, channels))
