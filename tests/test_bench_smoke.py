@@ -22,7 +22,10 @@ needs_library = pytest.mark.skipif(not fsl.fused_available(), reason="library no
 
 
 def _run(args, env_extra=None, timeout=900):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
+    # Without the pytest-xdist worker's variables: a pytest child that sees them thinks it
+    # is a worker itself, and pytest-benchmark then disables its timing.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", **(env_extra or {}))
     done = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
