@@ -195,6 +195,24 @@ class Checks:
     STATS_RTOL = STATS_RTOL
 
 
+@pytest.fixture
+def custom_calls(monkeypatch):
+    """Records the targets of the XLA custom calls emitted while tracing (after the
+    availability self-check, whose own custom calls are not recorded)."""
+    from fused_segloss import _xla
+
+    assert _xla.available(), _xla.unavailable_reason()
+    emitted = []
+    real_call = _xla._call
+
+    def recording_call(target, *args, **kwargs):
+        emitted.append(target)
+        return real_call(target, *args, **kwargs)
+
+    monkeypatch.setattr(_xla, "_call", recording_call)
+    return emitted
+
+
 @pytest.fixture(scope="session")
 def check():
     return Checks

@@ -9,28 +9,20 @@ weight shapes and a wrongly shaped grad_stats): a crash fails the whole run.
 Entry points: the raw TF ops (fused_segloss.ops.library()), segloss_stats on the fused and
 reference paths, seg_loss, combine, the pybind11 module _core, tf.function(jit_compile=True)
 (the XLA path, or the reference inside XLA while that path is not available), and
-fused_segloss.keras.SegLoss. At the end: the valid edge cases next to them (zero-size
-batch or spatial dims; strided, reversed, Fortran-ordered or byte-swapped inputs), which
-must give finite results equal to the oracle's or to those of the contiguous copy.
+fused_segloss.keras.SegLoss. Softmax mode's labels and options: test_bad_input_softmax.py;
+the valid edge cases next to these (zero-size or non-contiguous inputs): test_edge_inputs.py.
 """
-import json
-import shutil
-from typing import Callable, NamedTuple, Tuple
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import fused_segloss as fsl
-from fused_segloss import _core, _loader
+from fused_segloss import _core
 
-import numpy_reference
+from bad_input_helpers import (IAE, LABELS_RANGE, POS_WEIGHT_RANGE, STATIC_OR_DATA,
+                               WEIGHTS_RANGE, Case, X, Z, assert_clear_error, dynamic,
+                               keras_loss, raw, reference, stats, xla, xla_dynamic)
 
-IAE = tf.errors.InvalidArgumentError
-
-_rng = np.random.default_rng(7)
-X = _rng.normal(0.0, 2.0, (2, 4, 4, 3)).astype(np.float32)        # [B, H, W, C]
-Z = (_rng.random((2, 4, 4, 3)) < 0.4).astype(np.float32)
 X_CF = np.ascontiguousarray(np.moveaxis(X, -1, 1))                 # [B, C, H, W]
 Z_CF = np.ascontiguousarray(np.moveaxis(Z, -1, 1))
 W_PIXEL = np.ones((2, 4, 4, 1), np.float32)
@@ -38,66 +30,6 @@ EMPTY = np.zeros([0], np.float32)     # the raw ops' "absent" weights
 NO_PW = np.zeros([], np.float32)      # the raw ops' "absent" pos_weight (rank 0)
 CANON_W = np.ones((2, 16, 3), np.float32)  # the raw ops' canonical weights [B, N, C]
 GRAD = np.ones((2, 3, 8), np.float32)
-
-
-class Case(NamedTuple):
-    call: Callable[[], object]
-    error: type
-    fragments: Tuple[str, ...]  # the argument's name and the expectation, verbatim
-
-
-def raw():
-    if not fsl.fused_available():
-        pytest.skip("the op library is not built")
-    return fsl.ops.library()
-
-
-def stats(*args, **kwargs):
-    return fsl.segloss_stats(*args, **kwargs)
-
-
-def reference(*args, **kwargs):
-    return fsl.segloss_stats(*args, implementation="reference", **kwargs)
-
-
-def xla(fn, *args):
-    """fn(*args) inside tf.function(jit_compile=True)."""
-    return tf.function(fn, jit_compile=True)(*args)
-
-
-def dynamic(fn, *args, jit_compile=False):
-    """fn(*args) traced with every dimension unknown (shapes only known at run time)."""
-    specs = [tf.TensorSpec([None] * np.ndim(a), tf.as_dtype(np.asarray(a).dtype)) for a in args]
-    return tf.function(fn, input_signature=specs, jit_compile=jit_compile)(*args)
-
-
-def xla_dynamic(fn, *args):
-    return dynamic(fn, *args, jit_compile=True)
-
-
-def keras_loss(y_true, y_pred, sample_weight=None, **options):
-    keras_module = pytest.importorskip("fused_segloss.keras",
-                                       reason="fused_segloss.keras is not available")
-    loss = keras_module.SegLoss(**options)
-    return loss(y_true, y_pred, sample_weight=sample_weight)
-
-
-LABELS_RANGE = ("`labels`", "must lie in [0, 1]")
-IDS = _rng.integers(0, 3, (2, 4, 4)).astype(np.int32)             # class ids [B, H, W]
-IDS_3 = np.where(IDS == 1, 3, IDS).astype(np.int32)                # some ids = C
-IDS_NEG = np.where(IDS == 1, -1, IDS).astype(np.int64)             # some ids = -1
-ID_RANGE = ("`labels`", "class ids must lie in [0, C) = [0, 3)")
-
-
-def softmax(*args, **kwargs):
-    return fsl.segloss_stats(*args, activation="softmax", **kwargs)
-
-
-def softmax_reference(*args, **kwargs):
-    return softmax(*args, implementation="reference", **kwargs)
-WEIGHTS_RANGE = ("`weights`", "must be finite and >= 0")
-POS_WEIGHT_RANGE = ("`pos_weight`", ">= 0")
-STATIC_OR_DATA = (ValueError, IAE)  # a constant may be checked while tracing or at run time
 
 CASES = {
     # ---------------------------------------------------------- segloss_stats (auto path)
@@ -200,69 +132,6 @@ CASES = {
     "reference/dynamic-zero-classes": Case(
         lambda: dynamic(lambda x, z: fsl.seg_loss(x, z, implementation="reference"),
                         X[..., :0], Z[..., :0]), IAE, ("`logits`", "C >= 1")),
-
-    # ---------------------------------------------------------- softmax mode
-    "softmax/id-equal-to-C": Case(lambda: softmax(X, IDS_3), IAE, ID_RANGE + ("from 3 to 3",)),
-    "softmax/negative-id-not-ignored": Case(
-        lambda: softmax(X, IDS_NEG, ignore_index=255), IAE,
-        ID_RANGE + ("or equal ignore_index = 255", "from -1 to -1")),
-    "softmax/uint8-id-above-C": Case(lambda: softmax(X, np.where(IDS_3 == 3, 9, IDS_3).astype(np.uint8)), IAE,
-                                     ID_RANGE + ("from 9 to 9",)),
-    "softmax-reference/id-equal-to-C": Case(lambda: softmax_reference(X, IDS_3), IAE,
-                                            ID_RANGE + ("from 3 to 3",)),
-    "softmax-reference/negative-id-not-ignored": Case(
-        lambda: softmax_reference(X, IDS_NEG, ignore_index=255), IAE,
-        ID_RANGE + ("or equal ignore_index = 255", "from -1 to -1")),
-    "softmax-reference/dynamic-sparse-shape": Case(
-        lambda: dynamic(lambda x, y: softmax_reference(x, y), X, IDS[:, :2]), IAE,
-        ("`labels`", "without the class axis")),
-    "softmax/dynamic-sparse-shape": Case(lambda: dynamic(softmax, X, IDS[:, :2]), IAE,
-                                         ("`labels`", "without the class axis")),
-    "softmax/ignore-index-with-dense-labels": Case(
-        lambda: softmax(X, Z, ignore_index=0), ValueError,
-        ("`ignore_index`", "sparse integer `labels`")),
-    "softmax/ignore-index-not-int": Case(lambda: softmax(X, IDS, ignore_index=1.5), ValueError,
-                                         ("`ignore_index`", "an int")),
-    "softmax/ignore-index-bool": Case(lambda: softmax(X, IDS, ignore_index=True), ValueError,
-                                      ("`ignore_index`", "an int")),
-    "softmax/sparse-shape-matches-no-rule": Case(
-        lambda: softmax(X, IDS[:, :, :3]), ValueError, ("`labels`", "match no accepted form")),
-    "softmax/labels-rank-too-low": Case(lambda: softmax(X, IDS[0]), ValueError,
-                                        ("`labels`", "match no accepted form")),
-    "softmax/sparse-float-ids": Case(lambda: softmax(X, IDS.astype(np.float32)), ValueError,
-                                     ("sparse `labels`", "uint8, int32 or int64", "float32")),
-    "softmax/sparse-bool-ids": Case(lambda: softmax(X, IDS.astype(bool)), ValueError,
-                                    ("sparse `labels`", "uint8, int32 or int64", "bool")),
-    "softmax/float-ids-with-class-axis": Case(
-        lambda: softmax(X, IDS[..., None].astype(np.float32)), ValueError,
-        ("`labels`", "class ids must be uint8, int32 or int64", "float32")),
-    "softmax/pos-weight": Case(lambda: softmax(X, IDS, None, np.ones(3, np.float32)),
-                               ValueError, ("`pos_weight`", "activation='softmax'",
-                                            "class_weights")),
-    "softmax/focal-alpha": Case(lambda: softmax(X, IDS, focal_alpha=0.25), ValueError,
-                                ("`focal_alpha`", "activation='softmax'", "class_weights")),
-    "stats/activation-unknown": Case(lambda: stats(X, Z, activation="relu"), ValueError,
-                                     ("`activation`", "'sigmoid', 'softmax'", "'relu'")),
-    "stats/ignore-index-with-sigmoid": Case(lambda: stats(X, Z, ignore_index=255), ValueError,
-                                            ("`ignore_index`", "activation='softmax'")),
-    "seg_loss/include-background-with-sigmoid": Case(
-        lambda: fsl.seg_loss(X, Z, include_background=False), ValueError,
-        ("`include_background`", "`activation`='softmax'")),
-    "seg_loss/include-background-not-bool": Case(
-        lambda: fsl.seg_loss(X, IDS, activation="softmax", include_background=0), ValueError,
-        ("`include_background`", "bool")),
-    "combine/include-background-with-sigmoid": Case(
-        lambda: fsl.combine(np.ones((2, 3, 8), np.float32), include_background=False),
-        ValueError, ("`include_background`", "`activation`='softmax'")),
-    "combine/activation-unknown": Case(
-        lambda: fsl.combine(np.ones((2, 3, 8), np.float32), activation="softplus"), ValueError,
-        ("`activation`", "'sigmoid', 'softmax'")),
-    "xla/softmax-id-equal-to-C": Case(lambda: xla(softmax, X, IDS_3), IAE,
-                                      ID_RANGE + ("from 3 to 3",)),
-    "keras/softmax-id-equal-to-C": Case(lambda: keras_loss(IDS_3, X, activation="softmax"),
-                                        IAE, ID_RANGE),
-    "keras/softmax-float-id-equal-to-C": Case(
-        lambda: keras_loss(IDS_3.astype(np.float32), X, activation="softmax"), IAE, ID_RANGE),
 
     # ---------------------------------------------------------- seg_loss / combine options
     "seg_loss/unknown-option": Case(lambda: fsl.seg_loss(X, Z, dice="batch"), ValueError,
@@ -472,169 +341,10 @@ CASES = {
         WEIGHTS_RANGE),
 }
 
-
 def test_battery_is_large_enough():
     assert len(CASES) >= 30
 
 
 @pytest.mark.parametrize("case_id", sorted(CASES))
 def test_bad_input_raises_a_clear_error(case_id):
-    case = CASES[case_id]
-    with pytest.raises(case.error) as info:
-        result = case.call()
-        # Errors raised lazily must surface when the value is read.
-        tf.nest.map_structure(lambda t: np.asarray(t), result)
-    message = str(info.value)
-    missing = [fragment for fragment in case.fragments if fragment not in message]
-    assert not missing, f"message lacks {missing}: {message[:1500]}"
-
-
-# ================================================================================ valid edges
-PATHS = ("fused", "reference", "xla")
-
-
-def loss_stats_and_grad(path, x, z, w=None, pw=None, data_format="channels_last", **options):
-    """(stats, total, d total / d logits) as NumPy arrays on one code path."""
-    implementation = "reference" if path == "reference" else "auto"
-    if path == "fused" and not fsl.fused_available():
-        pytest.skip("the op library is not built")
-
-    def run(x, z, w, pw):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            stats = fsl.segloss_stats(x, z, w, pw, data_format=data_format,
-                                      implementation=implementation)
-            total = fsl.combine(stats, **options).total
-        return stats, total, tape.gradient(total, x)
-
-    if path == "xla":
-        run = tf.function(run, jit_compile=True)
-    as_tensor = lambda a: None if a is None else tf.convert_to_tensor(a)  # noqa: E731
-    return tuple(np.asarray(t) for t in run(as_tensor(x), as_tensor(z), as_tensor(w),
-                                            as_tensor(pw)))
-
-
-ZERO_SIZE_SHAPES = {  # (logits shape, weights shape), channels_last
-    "batch-0": ((0, 5, 3), (0, 5, 1)),
-    "batch-0-rank-0-spatial": ((0, 4), (0, 4)),
-    "spatial-0": ((2, 0, 3), (2, 0, 3)),
-    "one-of-three-spatial-0": ((2, 3, 0, 4, 2), (1, 3, 0, 4, 1)),
-}
-COMBINE_MODES = [dict(dice_mode=m, empty=e, smooth=s) for m in ("batch", "per_image")
-                 for e in ("include", "exclude") for s in (1e-5, 0.0)]
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("shape_id", sorted(ZERO_SIZE_SHAPES))
-@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_zero_size_batch_or_spatial_dims_give_finite_results(path, shape_id, data_format):
-    shape, w_shape = ZERO_SIZE_SHAPES[shape_id]
-    if data_format == "channels_first":
-        shape, w_shape = (shape[0], shape[-1], *shape[1:-1]), (w_shape[0], w_shape[-1],
-                                                              *w_shape[1:-1])
-    x = np.zeros(shape, np.float32)
-    z = np.zeros(shape, np.float32)
-    w = np.ones(w_shape, np.float32)
-    classes = shape[-1] if data_format == "channels_last" else shape[1]
-    pw = np.full(classes, 2.0, np.float32)
-    expected_stats = numpy_reference.stats(x, z, w, pw, data_format)
-    # combine is the same pure TF on every path: inside XLA (a compile per option set) two
-    # opposite option sets suffice.
-    modes = COMBINE_MODES if path != "xla" else [COMBINE_MODES[1], COMBINE_MODES[-1]]
-    for options in modes:
-        stats, total, grad = loss_stats_and_grad(path, x, z, w, pw, data_format, **options)
-        assert stats.shape == (shape[0], classes, 8)
-        np.testing.assert_array_equal(stats, expected_stats)
-        expected_total = numpy_reference.combine(expected_stats, **options).total
-        assert np.isfinite(total) and total == expected_total, (options, total)
-        assert grad.shape == x.shape and np.isfinite(grad).all()
-
-
-@pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
-def test_zero_size_dims_in_core_module(data_format):
-    channels_last = data_format == "channels_last"
-    for shape in ((0, 6, 3), (2, 0, 3), (2, 4, 0, 3)):
-        if not channels_last:
-            shape = (shape[0], shape[-1], *shape[1:-1])
-        x = np.zeros(shape, np.float32)
-        z = np.ones(shape, np.uint8)
-        classes = shape[-1] if channels_last else shape[1]
-        stats = _core.stats(x, z, channels_last=channels_last, threads=3)
-        np.testing.assert_array_equal(stats, numpy_reference.stats(x, z, data_format=data_format))
-        grad = _core.logit_grad(x, z, grad_stats=np.ones((shape[0], classes, 8), np.float32),
-                                channels_last=channels_last, threads=3)
-        assert grad.shape == x.shape and grad.dtype == x.dtype
-
-
-def _views(x):
-    """Non-contiguous (or otherwise unusual) views of x with the same shape [B, H, W, C]."""
-    big = np.zeros((x.shape[0], 2 * x.shape[1], x.shape[2] + 1, x.shape[3] + 2), x.dtype)
-    big[:, ::2, 1:, 2:] = x
-    reversed_buffer = np.ascontiguousarray(x[:, ::-1])
-    return {
-        "strided-slice": big[:, ::2, 1:, 2:],
-        "negative-stride": reversed_buffer[:, ::-1],
-        "fortran-order": np.asfortranarray(x),
-        "big-endian": x.astype(x.dtype.newbyteorder(">")),
-        "transposed-back": np.ascontiguousarray(np.moveaxis(x, -1, 1)).transpose(0, 2, 3, 1),
-    }
-
-
-VIEW_KINDS = sorted(_views(np.zeros((1, 1, 1, 1), np.float32)))
-
-
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("view", VIEW_KINDS)
-def test_non_contiguous_inputs_equal_the_contiguous_copy(path, view):
-    rng = np.random.default_rng(11)
-    x = rng.normal(0.0, 3.0, (2, 6, 5, 3)).astype(np.float32)
-    z = rng.random((2, 6, 5, 3)).astype(np.float32)
-    w = rng.uniform(0.0, 2.0, (2, 6, 5, 1)).astype(np.float32)
-    pw = np.array([0.5, 1.0, 3.0], np.float32)
-    expected = loss_stats_and_grad(path, x, z, w, pw)
-    got = loss_stats_and_grad(path, _views(x)[view], _views(z)[view], _views(w)[view], pw)
-    for name, a, b in zip(("stats", "total", "gradient"), got, expected):
-        np.testing.assert_array_equal(a, b, err_msg=f"{name} of a {view} view")
-
-
-@pytest.mark.parametrize("view", VIEW_KINDS)
-@pytest.mark.parametrize("logits_dtype", [np.float32, np.float64, np.float16])
-def test_non_contiguous_inputs_in_core_module(view, logits_dtype):
-    rng = np.random.default_rng(12)
-    x = rng.normal(0.0, 3.0, (2, 6, 5, 3)).astype(logits_dtype)
-    z = (rng.random((2, 6, 5, 3)) < 0.5).astype(np.float32)
-    w = rng.uniform(0.0, 2.0, (2, 30, 3)).astype(np.float32)   # canonical [B, N, C]
-    w_view = {"strided-slice": np.repeat(w, 2, axis=1)[:, ::2], "negative-stride":
-              np.ascontiguousarray(w[:, ::-1])[:, ::-1], "fortran-order": np.asfortranarray(w),
-              "big-endian": w.astype(">f4"), "transposed-back":
-              np.ascontiguousarray(w.transpose(0, 2, 1)).transpose(0, 2, 1)}[view]
-    g = rng.normal(0.0, 1.0, (2, 3, 8)).astype(np.float32)
-    g_strided = np.repeat(g, 2, axis=2)[..., ::2]
-    xv, zv = _views(x)[view], _views(z)[view]
-    np.testing.assert_array_equal(_core.stats(xv, zv, w_view), _core.stats(x, z, w))
-    np.testing.assert_array_equal(_core.logit_grad(xv, zv, w_view, grad_stats=g_strided),
-                                  _core.logit_grad(x, z, w, grad_stats=g))
-
-
-# ================================================================================ the library
-def test_library_built_for_another_tf_version_is_explained(tmp_path, monkeypatch):
-    """load_library() on a copy of the built library whose build record names another
-    TensorFlow: refused with both versions named. (The fallback and implementation="fused"
-    in this situation: test_fallback.py.)"""
-    if _loader.status().path is None:
-        pytest.skip("the op library is not built")
-    shutil.copy(_loader.status().path, tmp_path / "_segloss_ops.so")
-    (tmp_path / "_build_info.json").write_text(json.dumps({"tensorflow_version": "1.15.0"}))
-    monkeypatch.setattr(_loader, "_HERE", str(tmp_path))
-    status = _loader.load_library()
-    assert not status.available
-    assert "1.15.0" in status.reason and tf.__version__ in status.reason
-    assert "rebuild" in status.reason
-
-
-def test_corrupt_library_file_is_explained(tmp_path, monkeypatch):
-    (tmp_path / "_segloss_ops.so").write_text("not an ELF file")
-    monkeypatch.setattr(_loader, "_HERE", str(tmp_path))
-    status = _loader.load_library()
-    assert not status.available
-    assert "_segloss_ops.so" in status.reason and "failed" in status.reason
+    assert_clear_error(CASES[case_id])

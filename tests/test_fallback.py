@@ -1,7 +1,8 @@
 """implementation="reference", and the automatic fallback when the op library is missing
 or was built for another TensorFlow: one FusedSeglossFallbackWarning naming
 the reason and the build command, the reference's results, and an error (not a silent
-fallback) for implementation="fused"."""
+fallback) for implementation="fused". At the end, load_library()'s own explanations of a
+library built for another TensorFlow or not loadable at all."""
 import json
 import os
 import shutil
@@ -205,3 +206,27 @@ def test_copy_without_the_library_falls_back(tmp_path):
     report = _run_probe(tmp_path, {}, pythonpath=site)
     assert report["file"].startswith(site), report["file"]
     _assert_probe_fell_back(report, ["_segloss_ops"])
+
+
+# ---------------------------------------------------------------------------- load_library()
+def test_library_built_for_another_tf_version_is_explained(tmp_path, monkeypatch):
+    """load_library() on a copy of the built library whose build record names another
+    TensorFlow: refused with both versions named (what the package then does: the tests
+    above)."""
+    if _loader.status().path is None:
+        pytest.skip("the op library is not built")
+    shutil.copy(_loader.status().path, tmp_path / "_segloss_ops.so")
+    (tmp_path / "_build_info.json").write_text(json.dumps({"tensorflow_version": "1.15.0"}))
+    monkeypatch.setattr(_loader, "_HERE", str(tmp_path))
+    status = _loader.load_library()
+    assert not status.available
+    assert "1.15.0" in status.reason and tf.__version__ in status.reason
+    assert "rebuild" in status.reason
+
+
+def test_corrupt_library_file_is_explained(tmp_path, monkeypatch):
+    (tmp_path / "_segloss_ops.so").write_text("not an ELF file")
+    monkeypatch.setattr(_loader, "_HERE", str(tmp_path))
+    status = _loader.load_library()
+    assert not status.available
+    assert "_segloss_ops.so" in status.reason and "failed" in status.reason

@@ -2,26 +2,21 @@
 tf.function(jit_compile=True) and Keras' XLA-compiled train step.
 
 Oracles: the non-XLA fused path (the same C++ core, so the statistics must be bitwise
-equal), the pure-TF reference, and the float64 NumPy implementation of the spec.
+equal), the pure-TF reference, and the float64 NumPy implementation of the spec. Softmax
+mode inside XLA: test_xla_softmax.py; the reference inside XLA when the custom calls are not
+available: test_xla_fallback.py.
 """
-import re
-import warnings
-
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import fused_segloss as fsl
 import numpy_reference as npref
-from fused_segloss import _inputs, _xla
+from fused_segloss import _xla
 from conftest import make_problem
+from xla_helpers import ELEMENTWISE_CE_DICE, hlo_text, loss_and_grad_fn, small_inputs
 
 pytestmark = pytest.mark.skipif(not fsl.fused_available(), reason="op library not built")
-
-# Element-wise ops the reference's CE / Dice terms lower to; none may remain when the
-# custom call does the work.
-ELEMENTWISE_CE_DICE = re.compile(r"\b(logistic|exponential|exponential-minus-one|log|"
-                                 r"log-plus-one)\(")
 
 # (problem options, [(batch, spatial) per call]): every call of a case goes through ONE
 # trace of a function whose input signature has None batch and spatial dimensions.
@@ -47,30 +42,6 @@ CASES = {
              weights="class"),
         [(5, ()), (2, ())]),
 }
-
-
-@pytest.fixture(autouse=True)
-def _restore_availability():
-    """Tests that force or re-decide availability leave the process's decision behind."""
-    saved = (_xla._available, _xla._reason)
-    yield
-    _xla._available, _xla._reason = saved
-
-
-@pytest.fixture
-def custom_calls(monkeypatch):
-    """Records the targets of the custom calls emitted while tracing (after the
-    availability self-check, whose own custom calls are not recorded)."""
-    assert _xla.available(), _xla.unavailable_reason()
-    emitted = []
-    real_call = _xla._call
-
-    def recording_call(target, *args, **kwargs):
-        emitted.append(target)
-        return real_call(target, *args, **kwargs)
-
-    monkeypatch.setattr(_xla, "_call", recording_call)
-    return emitted
 
 
 def _spec(arrays, dtype=None):
@@ -207,46 +178,27 @@ def test_jit_matches_fused_reference_and_numpy(case, rng, check, custom_calls):
 # What runs inside XLA
 
 
-def _loss_and_grad(implementation="auto", **options):
-    def loss_and_grad(logits, labels):
-        with tf.GradientTape() as tape:
-            tape.watch(logits)
-            loss = fsl.seg_loss(logits, labels, implementation=implementation, **options)
-        return loss, tape.gradient(loss, logits)
-    return loss_and_grad
-
-
-def _small_inputs(rng, shape=(2, 6, 5, 3), labels_dtype=np.float32):
-    logits = tf.constant(rng.normal(0.0, 2.0, shape).astype(np.float32))
-    labels = tf.constant((rng.random(shape) < 0.4).astype(labels_dtype))
-    return logits, labels
-
-
-def _hlo(jit_fn, *args):
-    return jit_fn.experimental_get_compiler_ir(*args)(stage="hlo")
-
-
 def test_compiled_hlo_is_the_custom_call_not_elementwise_math(rng):
-    logits, labels = _small_inputs(rng)
-    fused = tf.function(_loss_and_grad(), jit_compile=True)
-    hlo = _hlo(fused, logits, labels)
+    logits, labels = small_inputs(rng)
+    fused = tf.function(loss_and_grad_fn(), jit_compile=True)
+    hlo = hlo_text(fused, logits, labels)
     assert 'custom_call_target="fused_segloss_stats"' in hlo
     assert 'custom_call_target="fused_segloss_stats_grad"' in hlo
     assert "API_VERSION_TYPED_FFI" in hlo
     assert not ELEMENTWISE_CE_DICE.findall(hlo), ELEMENTWISE_CE_DICE.findall(hlo)
     # The same check on the jit-compiled reference finds the element-wise math, so the
     # pattern above would notice it.
-    reference = tf.function(_loss_and_grad("reference"), jit_compile=True)
-    assert {"logistic", "exponential"} <= set(ELEMENTWISE_CE_DICE.findall(_hlo(reference, logits,
-                                                                               labels)))
+    reference = tf.function(loss_and_grad_fn("reference"), jit_compile=True)
+    reference_hlo = hlo_text(reference, logits, labels)
+    assert {"logistic", "exponential"} <= set(ELEMENTWISE_CE_DICE.findall(reference_hlo))
 
 
 def test_zero_size_batch_and_spatial_under_one_trace(rng):
     spec = tf.TensorSpec([None, None, 3], tf.float32)
-    step = tf.function(_loss_and_grad(), jit_compile=True, input_signature=[spec, spec])
-    eager = _loss_and_grad("fused")
+    step = tf.function(loss_and_grad_fn(), jit_compile=True, input_signature=[spec, spec])
+    eager = loss_and_grad_fn("fused")
     for shape in [(0, 4, 3), (2, 0, 3), (2, 4, 3)]:
-        logits, labels = _small_inputs(rng, shape)
+        logits, labels = small_inputs(rng, shape)
         (loss, grad), (want_loss, want_grad) = step(logits, labels), eager(logits, labels)
         assert np.isfinite(loss.numpy()) and grad.shape == shape
         np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
@@ -257,7 +209,7 @@ def test_zero_size_batch_and_spatial_under_one_trace(rng):
 @pytest.mark.parametrize("bad, match", [("labels", "`labels` must lie in"),
                                         ("weights", "`weights` must be finite and >= 0")])
 def test_handler_errors_are_invalid_argument_errors_under_xla(rng, bad, match):
-    logits, labels = _small_inputs(rng)
+    logits, labels = small_inputs(rng)
     weights = tf.ones([2, 6, 5, 1])
     if bad == "labels":
         labels = tf.tensor_scatter_nd_update(labels, [[1, 2, 3, 0]], [2.0])
@@ -268,7 +220,7 @@ def test_handler_errors_are_invalid_argument_errors_under_xla(rng, bad, match):
     def stats(logits, labels, weights):
         return fsl.segloss_stats(logits, labels, weights)
 
-    assert 'custom_call_target="fused_segloss_stats"' in _hlo(stats, logits, labels, weights)
+    assert 'custom_call_target="fused_segloss_stats"' in hlo_text(stats, logits, labels, weights)
     with pytest.raises(tf.errors.InvalidArgumentError, match=match):
         stats(logits, labels, weights).numpy()
 
@@ -293,13 +245,13 @@ def test_shape_errors_known_only_at_run_time(labels_shape, weights_shape, match)
 def test_tape_outside_the_jit_function(rng, custom_calls):
     """The backward of a jit function is compiled by XLA too, though it may be traced
     outside an XLA context: it must still use the custom call, never the TF op."""
-    logits, labels = _small_inputs(rng)
+    logits, labels = small_inputs(rng)
     loss_fn = tf.function(lambda x, z: fsl.seg_loss(x, z), jit_compile=True)
     with tf.GradientTape() as tape:
         tape.watch(logits)
         loss = loss_fn(logits, labels)
     grad = tape.gradient(loss, logits)
-    want_loss, want_grad = _loss_and_grad("fused")(logits, labels)
+    want_loss, want_grad = loss_and_grad_fn("fused")(logits, labels)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-12)
     # (TF may trace the forward twice: once plain, once paired with its backward.)
@@ -307,8 +259,8 @@ def test_tape_outside_the_jit_function(rng, custom_calls):
 
 
 def test_jit_function_inside_a_plain_tf_function(rng, custom_calls):
-    logits, labels = _small_inputs(rng, labels_dtype=bool)
-    inner = tf.function(_loss_and_grad(), jit_compile=True)
+    logits, labels = small_inputs(rng, labels_dtype=bool)
+    inner = tf.function(loss_and_grad_fn(), jit_compile=True)
 
     @tf.function
     def outer(logits, labels):
@@ -316,7 +268,7 @@ def test_jit_function_inside_a_plain_tf_function(rng, custom_calls):
         return loss * 2.0, grad, fsl.segloss_stats(logits, labels)  # the last: the TF op
 
     loss, grad, stats = outer(logits, labels)
-    want_loss, want_grad = _loss_and_grad("fused")(logits, labels)
+    want_loss, want_grad = loss_and_grad_fn("fused")(logits, labels)
     np.testing.assert_allclose(loss, 2.0 * want_loss.numpy(), rtol=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-12)
     np.testing.assert_array_equal(stats, fsl.segloss_stats(logits, labels))
@@ -327,9 +279,9 @@ def test_module_lists_both_platforms_when_built_with_cuda(rng, monkeypatch):
     """A CUDA build lists CPU and CUDA, and XlaCallModule then passes a platform index
     first: that module must still compile and run (here on the CPU)."""
     monkeypatch.setattr(_xla, "platforms", lambda: ("CPU", "CUDA"))
-    logits, labels = _small_inputs(rng)
-    loss, grad = tf.function(_loss_and_grad(), jit_compile=True)(logits, labels)
-    want_loss, want_grad = _loss_and_grad("fused")(logits, labels)
+    logits, labels = small_inputs(rng)
+    loss, grad = tf.function(loss_and_grad_fn(), jit_compile=True)(logits, labels)
+    want_loss, want_grad = loss_and_grad_fn("fused")(logits, labels)
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-12)
 
@@ -337,115 +289,10 @@ def test_module_lists_both_platforms_when_built_with_cuda(rng, monkeypatch):
 def test_modules_are_cached_per_signature(rng):
     assert _xla.available()  # its self-check builds modules of its own
     _xla._module.cache_clear()
-    logits, labels = _small_inputs(rng)
+    logits, labels = small_inputs(rng)
     for shape in [(2, 6, 5, 3), (1, 3, 3, 3)]:  # two jit functions, same dtypes and rank
-        tf.function(_loss_and_grad(), jit_compile=True)(*_small_inputs(rng, shape))
+        tf.function(loss_and_grad_fn(), jit_compile=True)(*small_inputs(rng, shape))
     assert _xla._module.cache_info().currsize == 2  # the stats and the gradient module
-
-
-# ----------------------------------------------------------------------------------------
-# Softmax mode: sparse class ids (rank − 1 labels) and the softmax attributes
-
-
-def _softmax_inputs(rng, shape=(3, 6, 5, 4), ignore_index=255):
-    logits = rng.normal(0.0, 2.0, shape).astype(np.float32)
-    ids = rng.integers(0, shape[-1], shape[:-1])
-    ids[rng.random(ids.shape) < 0.2] = ignore_index
-    return tf.constant(logits), tf.constant(ids.astype(np.uint8))
-
-
-SOFTMAX_OPTIONS = dict(activation="softmax", ignore_index=255, focal_gamma=2.0,
-                       include_background=False)
-
-
-def test_softmax_sparse_labels_run_as_the_custom_call_with_dynamic_shapes(rng, custom_calls):
-    specs = [tf.TensorSpec([None, None, None, 4], tf.float32),
-             tf.TensorSpec([None, None, None], tf.uint8)]
-    step = tf.function(_loss_and_grad(**SOFTMAX_OPTIONS), jit_compile=True,
-                       input_signature=specs)
-    eager = _loss_and_grad("fused", **SOFTMAX_OPTIONS)
-    for shape in [(3, 6, 5, 4), (1, 2, 7, 4)]:
-        logits, ids = _softmax_inputs(rng, shape)
-        (loss, grad), (want_loss, want_grad) = step(logits, ids), eager(logits, ids)
-        # The same kernels; only combine's float32 ops may be reordered by XLA.
-        np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-        np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-9)
-    assert step.experimental_get_tracing_count() == 1
-    assert set(custom_calls) == {_xla.STATS_TARGET, _xla.GRAD_TARGET}
-
-
-def test_softmax_hlo_has_no_elementwise_softmax(rng):
-    logits, ids = _softmax_inputs(rng)
-    hlo = _hlo(tf.function(_loss_and_grad(**SOFTMAX_OPTIONS), jit_compile=True), logits, ids)
-    assert 'custom_call_target="fused_segloss_stats"' in hlo
-    assert not ELEMENTWISE_CE_DICE.findall(hlo), ELEMENTWISE_CE_DICE.findall(hlo)
-
-
-def test_softmax_and_sigmoid_modules_are_cached_apart(rng):
-    assert _xla.available()
-    _xla._module.cache_clear()
-    logits, labels = _small_inputs(rng, (2, 6, 5, 3))
-    tf.function(_loss_and_grad(), jit_compile=True)(logits, labels)
-    tf.function(_loss_and_grad(activation="softmax"), jit_compile=True)(logits, labels)
-    assert _xla._module.cache_info().currsize == 4  # stats and gradient, per activation
-
-
-def test_softmax_class_id_errors_are_invalid_argument_errors_under_xla(rng):
-    logits, ids = _softmax_inputs(rng)
-    bad = tf.where(ids == 1, tf.constant(7, tf.uint8), ids)
-    with pytest.raises(tf.errors.InvalidArgumentError,
-                       match=r"`labels` class ids must lie in \[0, C\) = \[0, 4\)"):
-        tf.function(_loss_and_grad(**SOFTMAX_OPTIONS), jit_compile=True)(logits, bad)
-
-
-# ----------------------------------------------------------------------------------------
-# Fallback: never an error for the user
-
-
-def test_jit_falls_back_to_the_reference_when_unavailable(rng, monkeypatch, custom_calls):
-    monkeypatch.setattr(_xla, "available", lambda: False)
-    logits, labels = _small_inputs(rng)
-    step = tf.function(_loss_and_grad(), jit_compile=True)
-    loss, grad = step(logits, labels)
-    assert custom_calls == []
-    assert "custom-call" not in _hlo(step, logits, labels)
-    want_loss, want_grad = _loss_and_grad("reference")(logits, labels)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
-    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-9)
-
-
-@pytest.mark.parametrize("failure", ["import", "self_check", "no_ffi_handlers"])
-def test_unavailable_private_api_warns_once_and_uses_the_reference(rng, monkeypatch, failure):
-    if failure == "import":
-        monkeypatch.setattr(_xla, "_IMPORT_ERROR", "ImportError: no module named ...")
-    elif failure == "no_ffi_handlers":  # a library built against a TF without xla/ffi headers
-        from fused_segloss import _loader
-
-        monkeypatch.setattr(_loader.status(), "build_info",
-                            dict(_loader.status().build_info, xla_ffi="OFF"))
-    else:
-        def broken_self_check():
-            raise AttributeError("changed private API")
-        monkeypatch.setattr(_xla, "_self_check", broken_self_check)
-    _xla._reset_for_tests(None)
-    logits, labels = _small_inputs(rng)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert _xla.available() is False
-        assert _xla.available() is False
-        step = tf.function(_loss_and_grad(), jit_compile=True)
-        loss, _ = step(logits, labels)
-    xla_warnings = [w for w in caught if issubclass(w.category, _xla.FusedSeglossXlaWarning)]
-    assert len(xla_warnings) == 1, [str(w.message) for w in caught]
-    assert "reference" in str(xla_warnings[0].message)
-    assert "custom-call" not in _hlo(step, logits, labels)
-    np.testing.assert_allclose(loss, _loss_and_grad("reference")(logits, labels)[0], rtol=1e-6)
-
-
-def test_self_check_passes_on_this_tensorflow():
-    _xla._reset_for_tests(None)
-    assert _xla._self_check() == ""
-    assert _xla.available(), _xla.unavailable_reason()
 
 
 # ----------------------------------------------------------------------------------------
