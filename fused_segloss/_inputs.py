@@ -212,19 +212,32 @@ def _dense_labels(labels):
     return labels
 
 
+def sparse_form(labels_shape, logits_shape, class_axis):
+    """What labels of `labels_shape` are for softmax logits of `logits_shape`, by shape
+    alone: "ids" ([B, *S], the logits' rank - 1), "ids_with_class_axis" (the logits' rank
+    with a class axis of size 1, where C is not 1), or None (the dense shape, or no form).
+    Both ranks must be known."""
+    rank = logits_shape.rank
+    if labels_shape.rank == rank - 1:
+        return "ids"
+    if (labels_shape.rank == rank and labels_shape[class_axis] == 1
+            and logits_shape[class_axis] != 1):
+        return "ids_with_class_axis"
+    return None
+
+
 def _softmax_labels(logits, labels, class_axis):
     """(labels, sparse) for activation='softmax' (the rules are in the module docstring)."""
     rank = logits.shape.rank
     without_class = tf.TensorShape([d for a, d in enumerate(logits.shape) if a != class_axis])
-    classes = logits.shape[class_axis]
     forms = (f"dense labels of the logits' shape {logits.shape}, or class ids (uint8, int32, "
              f"int64) of shape {without_class} or with a class axis of size 1")
-    label_rank = labels.shape.rank
+    form = sparse_form(labels.shape, logits.shape, class_axis)
     is_ids = labels.dtype in ID_DTYPES
-    if label_rank == rank and labels.shape[class_axis] == 1 and classes != 1 and is_ids:
+    if form == "ids_with_class_axis" and is_ids:
         labels = tf.squeeze(labels, axis=class_axis)  # [B, *S, 1] / [B, 1, *S] -> [B, *S]
-        label_rank = rank - 1
-    if label_rank == rank - 1:
+        form = "ids"
+    if form == "ids":
         if not is_ids:
             raise ValueError(f"sparse `labels` (class ids, shape {labels.shape}) must be uint8, "
                              f"int32 or int64, got {labels.dtype.name}")
@@ -232,9 +245,9 @@ def _softmax_labels(logits, labels, class_axis):
             raise ValueError(f"`labels` of shape {labels.shape} match no accepted form: "
                              f"{forms}")
         return labels, True
-    if label_rank == rank and labels.shape.is_compatible_with(logits.shape):
+    if labels.shape.rank == rank and labels.shape.is_compatible_with(logits.shape):
         return _dense_labels(labels), False
-    if label_rank == rank and labels.shape[class_axis] == 1 and classes != 1:
+    if form == "ids_with_class_axis":
         raise ValueError(f"`labels` of shape {labels.shape} look like class ids with a class "
                          f"axis of size 1, but class ids must be uint8, int32 or int64, got "
                          f"{labels.dtype.name} (cast them, or give one-hot labels)")

@@ -38,7 +38,7 @@ def _as_float64(a):
     return np.asarray(a).astype(np.float64)
 
 
-def _to_channels_last(a, data_format):
+def to_channels_last(a, data_format):
     """[B, C, *S] -> [B, *S, C] for channels_first; channels_last is returned as is."""
     if data_format == "channels_first":
         return np.moveaxis(a, 1, -1)
@@ -47,7 +47,7 @@ def _to_channels_last(a, data_format):
     return a
 
 
-def _from_channels_last(a, data_format):
+def from_channels_last(a, data_format):
     return np.moveaxis(a, -1, 1) if data_format == "channels_first" else a
 
 
@@ -58,7 +58,7 @@ def _elements(logits, labels, weights, pos_weight, data_format):
     if x.shape != z.shape:
         raise ValueError(f"labels shape {z.shape} != logits shape {x.shape}")
     w = np.ones_like(x) if weights is None else np.broadcast_to(_as_float64(weights), x.shape)
-    x, z, w = (_to_channels_last(a, data_format) for a in (x, z, w))
+    x, z, w = (to_channels_last(a, data_format) for a in (x, z, w))
     batch, classes = x.shape[0], x.shape[-1]
     positions = int(np.prod(x.shape[1:-1]))  # explicit: -1 is ambiguous for a size-0 batch
     x, z, w = (a.reshape(batch, positions, classes) for a in (x, z, w))
@@ -124,8 +124,8 @@ def _gradient_terms(logits, labels, weights, pos_weight, grad_stats, data_format
 
 def _restore(flat, logits, data_format):
     """[B, N, C] -> the logits' own shape and layout."""
-    shape_last = _to_channels_last(np.empty(np.shape(logits), np.uint8), data_format).shape
-    return _from_channels_last(flat.reshape(shape_last), data_format)
+    shape_last = to_channels_last(np.empty(np.shape(logits), np.uint8), data_format).shape
+    return from_channels_last(flat.reshape(shape_last), data_format)
 
 
 def logit_grad(logits, labels, weights=None, pos_weight=None, grad_stats=None,
@@ -165,7 +165,7 @@ class CombineResult(NamedTuple):
     loss_per_class: np.ndarray  # each class's part of total: ce_weight·m_c·CE_c/Σm + ...
 
 
-def _ratio(numerator, denominator, where_zero):
+def safe_ratio(numerator, denominator, where_zero):
     safe = np.where(denominator != 0, denominator, 1.0)
     return np.where(denominator != 0, numerator / safe, where_zero)
 
@@ -173,7 +173,7 @@ def _ratio(numerator, denominator, where_zero):
 def _weighted_mean(values, weights, axis=-1):
     """(sum(w v) / sum(w), sum(w) > 0); the mean is 0 where sum(w) == 0."""
     denominator = weights.sum(axis=axis)
-    return _ratio((weights * values).sum(axis=axis), denominator, 0.0), denominator > 0
+    return safe_ratio((weights * values).sum(axis=axis), denominator, 0.0), denominator > 0
 
 
 def _options(classes, class_weights, dice_mode, empty):
@@ -188,16 +188,16 @@ def _dice_parts(s, smooth):
     with respect to I and P (0 where the denominator is 0: D is constant there)."""
     numerator = 2.0 * s[..., INTERSECTION] + smooth
     denominator = s[..., PRED_SUM] + s[..., LABEL_SUM] + smooth
-    dice = _ratio(numerator, denominator, 1.0)
-    d_inter = _ratio(2.0, denominator, 0.0)
-    d_pred = _ratio(-numerator, denominator ** 2, 0.0)
+    dice = safe_ratio(numerator, denominator, 1.0)
+    d_inter = safe_ratio(2.0, denominator, 0.0)
+    d_pred = safe_ratio(-numerator, denominator ** 2, 0.0)
     return dice, d_inter, d_pred
 
 
 def _ce_part(s, cw):
     totals = s.sum(axis=0)
     weight_sum = totals[:, WEIGHT_SUM]
-    ce_per_class = _ratio(totals[:, CE_SUM], weight_sum, 0.0)
+    ce_per_class = safe_ratio(totals[:, CE_SUM], weight_sum, 0.0)
     class_mask = cw * (weight_sum > 0)
     ce, _ = _weighted_mean(ce_per_class, class_mask)
     return ce, ce_per_class, class_mask, weight_sum
@@ -211,13 +211,13 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
     ce, ce_per_class, _, _ = _ce_part(s, cw)
 
     _, _, ce_mask, _ = _ce_part(s, cw)
-    ce_part = _ratio(ce_mask * ce_per_class, ce_mask.sum(), 0.0)  # [C], sums to ce
+    ce_part = safe_ratio(ce_mask * ce_per_class, ce_mask.sum(), 0.0)  # [C], sums to ce
     if dice_mode == "batch":
         dice_per_class, _, _ = _dice_parts(totals, smooth)
         class_mask = cw * (totals[:, LABEL_SUM] > 0) if empty == "exclude" else cw
         dice, any_class = _weighted_mean(dice_per_class, class_mask)
         dice_loss = 1.0 - dice if any_class else 0.0
-        dice_part = _ratio(class_mask * (1.0 - dice_per_class), class_mask.sum(), 0.0)
+        dice_part = safe_ratio(class_mask * (1.0 - dice_per_class), class_mask.sum(), 0.0)
     else:
         image_dice, _, _ = _dice_parts(s, smooth)                        # [B, C]
         counted = (s[..., LABEL_SUM] > 0) if empty == "exclude" else np.ones(image_dice.shape)
@@ -228,11 +228,11 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
         dice_per_class = np.where(class_counted, class_mean, np.nan)
         # Each counted image's (1 - its Dice) split over its classes, averaged over images.
         mask = cw * counted
-        shares = _ratio(mask * (1.0 - image_dice), mask.sum(axis=1, keepdims=True), 0.0)
+        shares = safe_ratio(mask * (1.0 - image_dice), mask.sum(axis=1, keepdims=True), 0.0)
         dice_part = shares[image_counts].sum(axis=0) / max(int(image_counts.sum()), 1)
 
     tp = totals[:, HARD_TP]
-    iou = _ratio(tp, totals[:, HARD_PRED] + totals[:, HARD_LABEL] - tp, 1.0)
+    iou = safe_ratio(tp, totals[:, HARD_PRED] + totals[:, HARD_LABEL] - tp, 1.0)
     total = ce_weight * ce + dice_weight * dice_loss
     return CombineResult(float(total), float(ce), float(dice_loss), ce_per_class,
                          dice_per_class, iou, ce_weight * ce_part + dice_weight * dice_part)
@@ -249,7 +249,7 @@ def combine_grad(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", sm
     _, _, ce_mask, weight_sum = _ce_part(s, cw)
     ce_norm = ce_mask.sum()
     if ce_norm > 0:  # CE = sum_c m_c (sum_b ce_sum[b, c] / W_c) / sum_c m_c
-        grad[..., CE_SUM] = ce_weight * _ratio(ce_mask, weight_sum * ce_norm, 0.0)[None, :]
+        grad[..., CE_SUM] = ce_weight * safe_ratio(ce_mask, weight_sum * ce_norm, 0.0)[None, :]
 
     if dice_mode == "batch":
         totals = s.sum(axis=0)
@@ -268,7 +268,8 @@ def combine_grad(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", sm
         image_used = (per_image_norm > 0).astype(np.float64)
         images = image_used.sum()
         if images > 0:
-            factor = -dice_weight * image_used / images * _ratio(class_mask, per_image_norm, 0.0)
+            factor = (-dice_weight * image_used / images
+                      * safe_ratio(class_mask, per_image_norm, 0.0))
             grad[..., INTERSECTION] = factor * d_inter
             grad[..., PRED_SUM] = factor * d_pred
     return grad

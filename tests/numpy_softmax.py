@@ -21,14 +21,14 @@ def softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _elements(logits, labels, weights, data_format, ignore_index):
+def elements(logits, labels, weights, data_format, ignore_index):
     """float64 x, z, w viewed as [B, N, C] (channels last), ignored pixels given w = 0."""
-    x = ref._to_channels_last(np.asarray(logits).astype(np.float64), data_format)
+    x = ref.to_channels_last(np.asarray(logits).astype(np.float64), data_format)
     classes = x.shape[-1]
     labels = np.asarray(labels)
     w = np.ones_like(x)
     if weights is not None:
-        w = ref._to_channels_last(
+        w = ref.to_channels_last(
             np.broadcast_to(np.asarray(weights, np.float64),
                             np.shape(logits)), data_format).copy()
     if labels.ndim == x.ndim - 1:  # sparse class ids
@@ -40,14 +40,14 @@ def _elements(logits, labels, weights, data_format, ignore_index):
         z = np.eye(classes)[np.where(valid, ids, 0)] * valid[..., None]
         w = w * keep[..., None]
     else:
-        z = ref._to_channels_last(labels.astype(np.float64), data_format)
+        z = ref.to_channels_last(labels.astype(np.float64), data_format)
     batch = x.shape[0]
     return tuple(a.reshape(batch, -1, classes) for a in (x, z, w))
 
 
 def stats(logits, labels, weights=None, data_format="channels_last", squared=False,
           ignore_index=None, focal_gamma=0.0):
-    x, z, w = _elements(logits, labels, weights, data_format, ignore_index)
+    x, z, w = elements(logits, labels, weights, data_format, ignore_index)
     k = 2.0 if squared else 1.0
     p = softmax(x)
     log_p = x - x.max(axis=-1, keepdims=True)
@@ -62,7 +62,7 @@ def stats(logits, labels, weights=None, data_format="channels_last", squared=Fal
 
 def logit_grad(logits, labels, weights=None, grad_stats=None, data_format="channels_last",
                squared=False, ignore_index=None, focal_gamma=0.0):
-    x, z, w = _elements(logits, labels, weights, data_format, ignore_index)
+    x, z, w = elements(logits, labels, weights, data_format, ignore_index)
     g = np.asarray(grad_stats, np.float64)
     g_ce, g_inter, g_pred = (g[:, None, :, col] for col in (ref.CE_SUM, ref.INTERSECTION,
                                                             ref.PRED_SUM))
@@ -77,8 +77,8 @@ def logit_grad(logits, labels, weights=None, grad_stats=None, data_format="chann
     # dL/dx_j = Σ_c dL/dp_c · p_c(δ_cj - p_j)
     jac = p[..., :, None] * (np.eye(x.shape[-1]) - p[..., None, :])          # [.., c, j]
     grad = np.einsum("bnc,bncj->bnj", d_p, jac)
-    shape_last = ref._to_channels_last(np.empty(np.shape(logits), np.uint8), data_format).shape
-    return ref._from_channels_last(grad.reshape(shape_last), data_format)
+    shape_last = ref.to_channels_last(np.empty(np.shape(logits), np.uint8), data_format).shape
+    return ref.from_channels_last(grad.reshape(shape_last), data_format)
 
 
 def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=1e-5,
@@ -97,8 +97,8 @@ def combine(stats, *, ce_weight=1.0, dice_weight=1.0, dice_mode="batch", smooth=
         dice_cw[0] = 0.0
     dice_only = ref.combine(s, ce_weight=0.0, dice_weight=1.0, dice_mode=dice_mode,
                             smooth=smooth, empty=empty, class_weights=dice_cw)
-    ce_per_class = ref._ratio(totals[:, ref.CE_SUM], totals[:, ref.WEIGHT_SUM], 0.0)
-    ce_share = ref._ratio(cw * totals[:, ref.CE_SUM], denominator, 0.0)
+    ce_per_class = ref.safe_ratio(totals[:, ref.CE_SUM], totals[:, ref.WEIGHT_SUM], 0.0)
+    ce_share = ref.safe_ratio(cw * totals[:, ref.CE_SUM], denominator, 0.0)
     total = ce_weight * ce + dice_weight * dice_only.dice_loss
     return ref.CombineResult(float(total), float(ce), dice_only.dice_loss, ce_per_class,
                              dice_only.dice_per_class, dice_only.iou_per_class,

@@ -100,7 +100,7 @@ def grad_scale(x, z, w, g, channels_last, ignore, squared, focal_gamma):
     u_c = p_c·dL/dp_c and every part of dL/dp_c taken in magnitude (a tolerance relative
     to it covers cancellation without hiding an error in a large term)."""
     weights, kw = oracle_args(x, w, channels_last, ignore, squared, focal_gamma)
-    xs, zs, ws = oracle._elements(x, z, weights, kw["data_format"], kw["ignore_index"])
+    xs, zs, ws = oracle.elements(x, z, weights, kw["data_format"], kw["ignore_index"])
     p = oracle.softmax(xs)
     gamma, k = focal_gamma, 2.0 if squared else 1.0
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -82,7 +82,7 @@ def _grad_scale(x, labels, w, upstream, oracle):
     """Per element j, the sum of the magnitudes of the terms the gradient adds,
     Σ_c |dL/dp_c · p_c| · (δ_cj + p_j) (numpy_softmax.logit_grad's terms, signs dropped):
     the scale of a relative tolerance, as numpy_reference.logit_grad_scale for sigmoid."""
-    x64, z, w64 = nps._elements(x, labels, w, oracle["data_format"], oracle["ignore_index"])
+    x64, z, w64 = nps.elements(x, labels, w, oracle["data_format"], oracle["ignore_index"])
     g = np.abs(np.asarray(upstream, np.float64))
     g_ce, g_inter, g_pred = (g[:, None, :, col] for col in (npref.CE_SUM, npref.INTERSECTION,
                                                             npref.PRED_SUM))
@@ -94,9 +94,9 @@ def _grad_scale(x, labels, w, upstream, oracle):
     d_p_times_p = w64 * (g_ce * z * (focal + (1.0 - p) ** gamma) + g_inter * z * p
                          + g_pred * k * p ** k)
     scale = d_p_times_p + p * d_p_times_p.sum(-1, keepdims=True)
-    shape_last = npref._to_channels_last(np.empty(np.shape(x), np.uint8),
+    shape_last = npref.to_channels_last(np.empty(np.shape(x), np.uint8),
                                          oracle["data_format"]).shape
-    return npref._from_channels_last(scale.reshape(shape_last), oracle["data_format"])
+    return npref.from_channels_last(scale.reshape(shape_last), oracle["data_format"])
 
 
 @pytest.mark.parametrize("path", sh.PATHS)

@@ -74,7 +74,7 @@ def grad_scale(x, z, w, upstream, data_format, squared=False, ignore_index=None,
                focal_gamma=0.0):
     """Per element, the magnitudes of what dL/dx_j adds up: t_j + p_j·Σ_c t_c with t_c a bound
     of |u_c| (the focal factor's (1 + γ·p·r) is at most 1 + γ)."""
-    xs, zs, ws = npsm._elements(x, z, w, data_format, ignore_index)
+    xs, zs, ws = npsm.elements(x, z, w, data_format, ignore_index)
     p = npsm.softmax(xs)
     g = np.abs(np.asarray(upstream, np.float64))[:, None]  # [B, 1, C, 8]
     k = 2.0 if squared else 1.0
@@ -255,7 +255,7 @@ def stable_logit_grad(x, z, w, upstream, data_format, focal_gamma=0.0):
     0·inf): the chain rule with each term's p·d/dp taken in closed form,
     p·d[(1-p)^γ·(-log p)]/dp = -(1-p)^γ·(1 + γ·p·(-log p)/(1-p)), and -log p from the
     log-sum-exp (finite for any logits)."""
-    xs, zs, ws = npsm._elements(x, z, w, data_format, None)
+    xs, zs, ws = npsm.elements(x, z, w, data_format, None)
     m = xs.max(axis=-1, keepdims=True)
     neg_log_p = np.log(np.exp(xs - m).sum(axis=-1, keepdims=True)) - (xs - m)
     p = np.exp(-neg_log_p)

@@ -4,7 +4,7 @@
 // Operands: logits are float32, float64, float16 or bfloat16; dense labels any of those,
 // uint8 or bool; sparse labels (softmax class ids) uint8, int32 or int64. DType names them at run time (the frameworks map their own dtype enums to it);
 // FSL_FOR_EACH_LOGIT_TYPE / FSL_FOR_EACH_LABEL_TYPE list them at compile time, and
-// DispatchDTypes (DispatchClassIdDTypes for class ids) maps a runtime (logits, labels) pair to those types for every caller (the
+// DispatchDTypes (DispatchClassIdDTypes for class ids, DispatchLabelDTypes for either) maps a runtime (logits, labels) pair to those types for every caller (the
 // CPU kernels, the CUDA launcher and its host simulation).
 // Math: float64 is computed in float64, every other dtype in float32 (ComputeTypeOf);
 // ToCompute widens exactly, FromCompute rounds to nearest even.
@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "segloss_math.h"
 
@@ -124,9 +125,23 @@ Result DispatchClassIdDTypes(DType logits, DType labels, Result unsupported, Fn&
   return unsupported;
 }
 
-// Whether the kernels exist for this (logits, labels) pair.
-inline bool DTypesSupported(DType logits, DType labels) {
-  return DispatchDTypes<bool>(logits, labels, false, [](auto, auto) { return true; });
+// A problem's dispatch: fn(LogitT{}, LabelT{}, std::bool_constant<sparse>{}), LabelT from
+// the class-id list for sparse labels (softmax), else from the labels list.
+template <typename Result, typename Fn>
+Result DispatchLabelDTypes(bool sparse, DType logits, DType labels, Result unsupported,
+                           Fn&& fn) {
+  if (sparse) {
+    return DispatchClassIdDTypes<Result>(
+        logits, labels, unsupported, [&](auto x, auto z) { return fn(x, z, std::true_type{}); });
+  }
+  return DispatchDTypes<Result>(logits, labels, unsupported,
+                                [&](auto x, auto z) { return fn(x, z, std::false_type{}); });
+}
+
+// Whether the kernels exist for this (logits, labels) pair (class ids when sparse).
+inline bool DTypesSupported(DType logits, DType labels, bool sparse = false) {
+  return DispatchLabelDTypes<bool>(sparse, logits, labels, false,
+                                   [](auto, auto, auto) { return true; });
 }
 
 // Compute type: float64 stays float64; everything else is computed in float32.

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <numeric>
-#include <type_traits>
 
 #include "segloss_cpu_blocks.h"
 #include "segloss_cpu_softmax.h"
@@ -23,13 +22,7 @@ namespace {
 
 // "" when the kernels exist for the problem's dtype pair, else what is wrong.
 std::string CheckDTypes(const SeglossProblem& p) {
-  if (p.sparse_labels) {
-    const bool supported = DispatchClassIdDTypes<bool>(p.logits_dtype, p.labels_dtype, false,
-                                                       [](auto, auto) { return true; });
-    if (supported) return "";
-  } else if (DTypesSupported(p.logits_dtype, p.labels_dtype)) {
-    return "";
-  }
+  if (DTypesSupported(p.logits_dtype, p.labels_dtype, p.sparse_labels)) return "";
   if (!DTypesSupported(p.logits_dtype, DType::kFloat32)) {
     return std::string("`logits` must be float16, bfloat16, float32 or float64, got ") +
            DTypeName(p.logits_dtype);
@@ -38,21 +31,6 @@ std::string CheckDTypes(const SeglossProblem& p) {
                          ? "sparse `labels` (class ids) must be uint8, int32 or int64, got "
                          : "dense `labels` must be a float type, uint8 or bool, got ") +
          DTypeName(p.labels_dtype);
-}
-
-// The softmax kernels for the problem's storage types (dense labels or class ids).
-template <typename Fn>
-std::string DispatchSoftmax(const SeglossProblem& p, Fn&& fn) {
-  if (p.sparse_labels) {
-    return DispatchClassIdDTypes<std::string>(
-        p.logits_dtype, p.labels_dtype, std::string("unsupported `labels` dtype"),
-        [&](auto logit_tag, auto id_tag) { return fn(logit_tag, id_tag, std::true_type{}); });
-  }
-  return DispatchDTypes<std::string>(
-      p.logits_dtype, p.labels_dtype, std::string("unsupported `labels` dtype"),
-      [&](auto logit_tag, auto label_tag) {
-        return fn(logit_tag, label_tag, std::false_type{});
-      });
 }
 
 }  // namespace
@@ -164,11 +142,13 @@ std::string ComputeStatsCpu(const SeglossProblem& problem, const ParallelFor& pa
   if (error.empty()) error = CheckDTypes(problem);
   if (!error.empty()) return error;
   if (problem.activation == Activation::kSoftmax) {
-    return DispatchSoftmax(problem, [&](auto logit_tag, auto label_tag, auto sparse) {
-      return cpu::SoftmaxStatsForTypes<decltype(logit_tag), decltype(label_tag),
-                                       decltype(sparse)::value>(problem, parallel_for,
-                                                                stats_out);
-    });
+    return DispatchLabelDTypes<std::string>(
+        problem.sparse_labels, problem.logits_dtype, problem.labels_dtype, std::string(),
+        [&](auto logit_tag, auto label_tag, auto sparse) {
+          return cpu::SoftmaxStatsForTypes<decltype(logit_tag), decltype(label_tag),
+                                           decltype(sparse)::value>(problem, parallel_for,
+                                                                    stats_out);
+        });
   }
   return DispatchDTypes<std::string>(
       problem.logits_dtype, problem.labels_dtype, std::string(),
@@ -184,11 +164,13 @@ std::string ComputeLogitGradCpu(const SeglossProblem& problem, const float* grad
   if (error.empty()) error = CheckDTypes(problem);
   if (!error.empty()) return error;
   if (problem.activation == Activation::kSoftmax) {
-    return DispatchSoftmax(problem, [&](auto logit_tag, auto label_tag, auto sparse) {
-      return cpu::SoftmaxLogitGradForTypes<decltype(logit_tag), decltype(label_tag),
-                                           decltype(sparse)::value>(
-          problem, grad_stats, parallel_for, grad_logits_out);
-    });
+    return DispatchLabelDTypes<std::string>(
+        problem.sparse_labels, problem.logits_dtype, problem.labels_dtype, std::string(),
+        [&](auto logit_tag, auto label_tag, auto sparse) {
+          return cpu::SoftmaxLogitGradForTypes<decltype(logit_tag), decltype(label_tag),
+                                               decltype(sparse)::value>(
+              problem, grad_stats, parallel_for, grad_logits_out);
+        });
   }
   return DispatchDTypes<std::string>(
       problem.logits_dtype, problem.labels_dtype, std::string(),

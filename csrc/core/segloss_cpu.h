@@ -13,7 +13,8 @@
 // (statistics), segloss_cpu_grad.cc (gradient), segloss_cpu_blocks.h (the partition and
 // input loads both passes share), segloss_cpu_lanes.h and simd.h (SIMD lanes); softmax
 // mode: segloss_cpu_softmax_forward.cc, segloss_cpu_softmax_grad.cc and their shared
-// partition and staging, segloss_cpu_softmax.h.
+// partition and staging, segloss_cpu_softmax.h; both forward passes' invalid-value counts
+// and their message, segloss_cpu_counts.h.
 #pragma once
 
 #include <cstdint>

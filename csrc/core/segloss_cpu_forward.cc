@@ -13,11 +13,11 @@
 // end; item partials are summed in item order. Invalid labels and weights, and with
 // check_numerics non-finite logits, are counted and reported after the pass.
 #include <algorithm>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
 #include "segloss_cpu_blocks.h"
+#include "segloss_cpu_counts.h"
 
 namespace fused_segloss {
 namespace cpu {
@@ -205,29 +205,6 @@ int64_t AccumulateBlock(const LogitT* x, const LabelT* z, const float* w, int64_
   return AnyLane(any_invalid) ? CountInvalidLabels(z, count) : 0;
 }
 
-template <typename Storage>
-int64_t CountNonFinite(const Storage* x, int64_t count) {
-  int64_t nonfinite = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const auto v = ToCompute(x[i]);
-    using C = decltype(v);
-    nonfinite += Abs(v) <= std::numeric_limits<C>::max() ? 0 : 1;  // NaN too
-  }
-  return nonfinite;
-}
-
-struct Counts {
-  int64_t invalid_labels = 0, invalid_weights = 0, nonfinite_logits = 0;
-};
-
-std::string CountsError(const Counts& counts) {
-  if (counts.nonfinite_logits > 0) {
-    return "`logits` contain " + std::to_string(counts.nonfinite_logits) +
-           " NaN or Inf value(s) (check_numerics=True)";
-  }
-  return InvalidValuesMessage(counts.invalid_labels, counts.invalid_weights);
-}
-
 template <typename LogitT, typename LabelT, bool kSquared, bool kWeighted, bool kPosWeighted,
           bool kFocal = false>
 std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, float* stats) {
@@ -239,7 +216,7 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
   const WeightStrides strides =
       MakeWeightStrides(s, p.weights_batch, p.weights_positions, p.weights_classes);
   std::vector<double> partials(plan.num_items * classes_per_item * kNumStats, 0.0);
-  std::vector<Counts> item_counts(plan.num_items);
+  std::vector<ForwardCounts> item_counts(plan.num_items);
   const auto* logits = static_cast<const LogitT*>(p.logits);
   const auto* labels = static_cast<const LabelT*>(p.labels);
 
@@ -259,7 +236,7 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
         });
       }
       std::fill(lane_sums.begin(), lane_sums.end(), 0.0);
-      Counts& counts = item_counts[index];
+      ForwardCounts& counts = item_counts[index];
       for (int64_t offset = 0; offset < span.count; offset += block) {
         const int64_t n = std::min(block, span.count - offset);
         const LogitT* x = logits + span.base + offset;
@@ -296,13 +273,9 @@ std::string StatsImpl(const SeglossProblem& p, const ParallelFor& parallel_for, 
   // Cost hint: about 2 units per element.
   parallel_for(plan.num_items, plan.positions_per_item * classes_per_item * 2, run_items);
 
-  Counts total;
-  for (const Counts& c : item_counts) {
-    total.invalid_labels += c.invalid_labels;
-    total.invalid_weights += c.invalid_weights;
-    total.nonfinite_logits += c.nonfinite_logits;
-  }
-  const std::string error = CountsError(total);
+  ForwardCounts total;
+  for (const ForwardCounts& c : item_counts) total.Add(c);
+  const std::string error = ForwardCountsMessage(p, total);
   if (!error.empty()) return error;
 
   // Combine partials in item order (fixed), then round to float32.

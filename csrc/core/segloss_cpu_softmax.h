@@ -17,13 +17,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "dtypes.h"
 #include "segloss_cpu.h"
+#include "segloss_cpu_counts.h"
 #include "segloss_cpu_lanes.h"
 #include "segloss_math.h"
 
@@ -131,25 +131,13 @@ void StageClassMajor(const ProblemShape& s, const Storage* src, int64_t n,
   }
 }
 
-// Class ids outside [0, C) that are not ignore_index: how many, the smallest, the largest.
-struct BadClassIds {
-  int64_t count = 0;
-  int64_t min = std::numeric_limits<int64_t>::max();
-  int64_t max = std::numeric_limits<int64_t>::min();
-  void Add(const BadClassIds& o) {
-    count += o.count;
-    min = std::min(min, o.min);
-    max = std::max(max, o.max);
-  }
-};
-
 // Sparse labels of one vector: klass[j] = the id as a Compute value, keep[j] = 1; an
 // ignored or invalid id (and the padding) gets klass -1 (no class is labelled) and keep 0
-// (weight 0 for every class). Invalid ids are counted into `bad` when given. Only the ids
-// themselves are read, never memory indexed by them.
+// (weight 0 for every class). Invalid ids are counted into `counts` when given. Only the
+// ids themselves are read, never memory indexed by them.
 template <typename Compute, typename IdT>
 void StageClassIds(const SeglossProblem& p, const IdT* ids, int64_t n, Compute* klass,
-                   Compute* keep, BadClassIds* bad) {
+                   Compute* keep, ForwardCounts* counts) {
   constexpr int64_t kWidth = kSoftmaxWidth<Compute>;
   const int64_t classes = p.shape.classes;
   for (int64_t j = 0; j < n; ++j) {
@@ -158,11 +146,7 @@ void StageClassIds(const SeglossProblem& p, const IdT* ids, int64_t n, Compute* 
     const bool valid = !ignored && id >= 0 && id < classes;
     klass[j] = valid ? static_cast<Compute>(id) : Compute(-1);
     keep[j] = valid ? Compute(1) : Compute(0);
-    if (bad != nullptr && !valid && !ignored) {
-      ++bad->count;
-      bad->min = std::min(bad->min, id);
-      bad->max = std::max(bad->max, id);
-    }
+    if (counts != nullptr && !valid && !ignored) counts->AddBadId(id);
   }
   std::fill(klass + n, klass + kWidth, Compute(-1));
   std::fill(keep + n, keep + kWidth, Compute(0));
@@ -209,6 +193,75 @@ bool StageWeights(const SeglossProblem& p, const WeightStrides& st, int64_t b, i
   }
   if (invalid != nullptr) *invalid += bad;
   return true;
+}
+
+// The compute-type buffers one thread stages a vector of positions into, [C][kWidth] unless
+// noted. Each pass adds its own (the forward's accumulators, the gradient's u).
+template <typename Compute>
+struct StagedVector {
+  StagedVector(int64_t classes, bool sparse, bool weighted)
+      : x(classes * kSoftmaxWidth<Compute>),
+        e(classes * kSoftmaxWidth<Compute>),
+        z(sparse ? kSoftmaxWidth<Compute> : classes * kSoftmaxWidth<Compute>),
+        keep(kSoftmaxWidth<Compute>),
+        by_class(weighted ? classes * kSoftmaxWidth<Compute> : 0),
+        transpose(classes) {}
+  std::vector<Compute> x;         // the logits (the gradient pass then writes dx here)
+  std::vector<Compute> e;         // exp(x - m) (the gradient pass then keeps p here)
+  std::vector<Compute> z;         // dense labels, or the class id per position ([kWidth])
+  std::vector<Compute> keep;      // per position: 0 ignored, invalid or padding, else 1 (x weight)
+  std::vector<Compute> by_class;  // class-dependent weights
+  PixelTranspose<Compute> transpose;
+};
+
+// Stages positions pos .. pos + n - 1 of image `batch` into b: the logits, the labels (dense,
+// or the ids and keep), the weights (into keep, or into by_class when they depend on the
+// class). Returns whether by_class holds them. With `counts` (the forward pass), invalid ids
+// and weights are counted; the gradient passes nullptr (its forward pass checked them).
+template <bool kSparse, typename Compute, typename LogitT, typename LabelT>
+bool StageVector(const SeglossProblem& p, const WeightStrides& strides, int64_t batch,
+                 int64_t pos, int64_t n, const LogitT* logits, const LabelT* labels,
+                 StagedVector<Compute>& b, ForwardCounts* counts) {
+  const ProblemShape& s = p.shape;
+  const int64_t at = ElementIndex(s, batch, pos, 0);
+  StageClassMajor(s, logits + at, n, b.transpose, b.x.data());
+  if constexpr (kSparse) {
+    StageClassIds(p, labels + batch * s.positions + pos, n, b.z.data(), b.keep.data(), counts);
+  } else {
+    StageClassMajor(s, labels + at, n, b.transpose, b.z.data());
+    StageKeep(n, b.keep.data());
+  }
+  return p.weights != nullptr &&
+         StageWeights(p, strides, batch, pos, n, b.keep.data(), b.by_class.data(),
+                      counts == nullptr ? nullptr : &counts->invalid_weights);
+}
+
+// The staged logits' normaliser, keeping exp(x - m) in b.e.
+template <typename Vec, typename Compute>
+SoftmaxPixel<Vec> NormaliseStaged(int64_t classes, StagedVector<Compute>& b) {
+  constexpr int64_t kWidth = kSoftmaxWidth<Compute>;
+  const Compute* x = b.x.data();
+  Compute* e = b.e.data();
+  return SoftmaxNormaliseKeepingExp<Vec>(
+      classes, [&](int64_t c) { return Load<Vec>(x + c * kWidth); },
+      [&](int64_t c, const Vec& exp_c) { StoreVec(exp_c, e + c * kWidth); });
+}
+
+// Class c's staged labels: the one-hot of the ids (sparse; an ignored, invalid or padding
+// position has id -1, so no class) or the dense labels.
+template <bool kSparse, typename Vec, typename Compute>
+Vec StagedLabel(const StagedVector<Compute>& b, const Vec& ids, int64_t c) {
+  if constexpr (kSparse) {
+    return Select(Abs(ids - Vec(static_cast<float>(c))) < Vec(0.5f), Vec(1.0f), Vec(0.0f));
+  } else {
+    return Load<Vec>(b.z.data() + c * kSoftmaxWidth<Compute>);
+  }
+}
+
+// Class c's staged weights (keep: 0 or the per-pixel weight; by_class: the class's own).
+template <typename Vec, typename Compute>
+Vec StagedWeight(const StagedVector<Compute>& b, const Vec& keep, bool by_class, int64_t c) {
+  return by_class ? Load<Vec>(b.by_class.data() + c * kSoftmaxWidth<Compute>) * keep : keep;
 }
 
 // The sum of a compute vector's hardware parts (part 0 + part 1 + ...), in the lanes of a

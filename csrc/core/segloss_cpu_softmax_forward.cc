@@ -37,38 +37,13 @@ constexpr int64_t kFoldPositions = 64 * kHardwareLanes;
 template <typename Vec>
 using MaskOf = decltype(Vec() > Vec());
 
-struct SoftmaxCounts {
-  int64_t invalid_labels = 0, invalid_weights = 0, nonfinite_logits = 0;
-  BadClassIds bad_ids;
-};
-
-// The compute-type buffers of one thread, [C][kWidth] unless noted.
+// The staged vector and the forward's per-class accumulators ([C][8]).
 template <typename Compute, typename Acc>
-struct ForwardScratch {
+struct ForwardScratch : StagedVector<Compute> {
   ForwardScratch(int64_t classes, bool sparse, bool weighted)
-      : x(classes * kSoftmaxWidth<Compute>),
-        e(classes * kSoftmaxWidth<Compute>),
-        z(sparse ? kSoftmaxWidth<Compute> : classes * kSoftmaxWidth<Compute>),
-        keep(kSoftmaxWidth<Compute>),
-        by_class(weighted ? classes * kSoftmaxWidth<Compute> : 0),
-        acc(classes * kNumStats, Acc(0.0f)),
-        transpose(classes) {}
-  std::vector<Compute> x, e;
-  std::vector<Compute> z;     // dense labels, or the class id per position ([kWidth])
-  std::vector<Compute> keep;  // per position: 0 ignored, invalid or padding, else 1 (x weight)
-  std::vector<Compute> by_class;  // class-dependent weights
-  std::vector<Acc> acc;           // [C][8]
-  PixelTranspose<Compute> transpose;
+      : StagedVector<Compute>(classes, sparse, weighted), acc(classes * kNumStats, Acc(0.0f)) {}
+  std::vector<Acc> acc;
 };
-
-template <typename Storage>
-int64_t CountNonFiniteCompute(const Storage* x, int64_t count) {
-  int64_t nonfinite = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    nonfinite += Abs(x[i]) <= std::numeric_limits<Storage>::max() ? 0 : 1;  // NaN too
-  }
-  return nonfinite;
-}
 
 // Adds one staged vector's terms to the accumulators; returns whether any dense label lane
 // is invalid (outside [0, 1] or NaN). The padding lanes have weight 0 and add +0.
@@ -77,27 +52,18 @@ bool AccumulateVector(int64_t classes, bool squared, Compute gamma_value, bool b
                       ForwardScratch<Compute, Acc>& b) {
   using Vec = SoftmaxVec<Compute>;
   constexpr int64_t kWidth = kSoftmaxWidth<Compute>;
-  const Compute* x = b.x.data();
-  Compute* e = b.e.data();
-  const SoftmaxPixel<Vec> px = SoftmaxNormaliseKeepingExp<Vec>(
-      classes, [&](int64_t c) { return Load<Vec>(x + c * kWidth); },
-      [&](int64_t c, const Vec& exp_c) { StoreVec(exp_c, e + c * kWidth); });
+  const SoftmaxPixel<Vec> px = NormaliseStaged<Vec>(classes, b);
   const Vec keep = Load<Vec>(b.keep.data());
   const Vec ids = kSparse ? Load<Vec>(b.z.data()) : Vec(0.0f);
   const Vec gamma(gamma_value);
   MaskOf<Vec> invalid = Vec(0.0f) > Vec(0.0f);
   for (int64_t c = 0; c < classes; ++c) {
     const Vec klass(static_cast<float>(c));
-    const SoftmaxClass<Vec> cls =
-        SoftmaxClassGivenExp(Load<Vec>(x + c * kWidth), Load<Vec>(e + c * kWidth), px);
-    Vec z;
-    if constexpr (kSparse) {
-      z = Select(Abs(ids - klass) < Vec(0.5f), Vec(1.0f), Vec(0.0f));
-    } else {
-      z = Load<Vec>(b.z.data() + c * kWidth);
-      invalid = invalid | Not(LabelIsValid(z));
-    }
-    const Vec w = by_class ? Load<Vec>(b.by_class.data() + c * kWidth) * keep : keep;
+    const SoftmaxClass<Vec> cls = SoftmaxClassGivenExp(Load<Vec>(b.x.data() + c * kWidth),
+                                                       Load<Vec>(b.e.data() + c * kWidth), px);
+    const Vec z = StagedLabel<kSparse>(b, ids, c);
+    if constexpr (!kSparse) invalid = invalid | Not(LabelIsValid(z));
+    const Vec w = StagedWeight(b, keep, by_class, c);
     Vec terms[kNumStats];
     SoftmaxForwardTerms(cls, z, w, klass, px, squared, kFocal, gamma, terms);
     Acc* slots = b.acc.data() + c * kNumStats;
@@ -130,7 +96,7 @@ std::string SoftmaxStatsImpl(const SeglossProblem& p, const ParallelFor& paralle
       MakeWeightStrides(s, p.weights_batch, p.weights_positions, p.weights_classes);
   const bool weighted = p.weights != nullptr;
   std::vector<double> partials(plan.num_items * classes * kNumStats, 0.0);
-  std::vector<SoftmaxCounts> item_counts(plan.num_items);
+  std::vector<ForwardCounts> item_counts(plan.num_items);
   const auto* logits = static_cast<const LogitT*>(p.logits);
   const auto* labels = static_cast<const LabelT*>(p.labels);
 
@@ -138,7 +104,7 @@ std::string SoftmaxStatsImpl(const SeglossProblem& p, const ParallelFor& paralle
     ForwardScratch<Compute, Acc> b(classes, kSparse, weighted);
     for (int64_t index = first; index < last; ++index) {
       const SoftmaxItem item = SoftmaxItemAt(s, plan, index);
-      SoftmaxCounts& counts = item_counts[index];
+      ForwardCounts& counts = item_counts[index];
       double* partial = partials.data() + index * classes * kNumStats;
       auto fold = [&] {
         for (int64_t i = 0; i < classes * kNumStats; ++i) {
@@ -148,21 +114,11 @@ std::string SoftmaxStatsImpl(const SeglossProblem& p, const ParallelFor& paralle
       };
       for (int64_t pos = item.begin; pos < item.end; pos += kWidth) {
         const int64_t n = std::min(kWidth, item.end - pos);
-        const int64_t at = ElementIndex(s, item.batch, pos, 0);
-        StageClassMajor(s, logits + at, n, b.transpose, b.x.data());
+        const bool by_class = StageVector<kSparse>(p, strides, item.batch, pos, n, logits,
+                                                   labels, b, &counts);
         if (p.check_numerics) {
-          counts.nonfinite_logits += CountNonFiniteCompute(b.x.data(), classes * kWidth);
+          counts.nonfinite_logits += CountNonFinite(b.x.data(), classes * kWidth);
         }
-        if constexpr (kSparse) {
-          StageClassIds(p, labels + item.batch * s.positions + pos, n, b.z.data(),
-                        b.keep.data(), &counts.bad_ids);
-        } else {
-          StageClassMajor(s, labels + at, n, b.transpose, b.z.data());
-          StageKeep(n, b.keep.data());
-        }
-        const bool by_class =
-            weighted && StageWeights(p, strides, item.batch, pos, n, b.keep.data(),
-                                     b.by_class.data(), &counts.invalid_weights);
         if (AccumulateVector<Compute, kSparse, kFocal>(classes, p.squared,
                                                        static_cast<Compute>(p.focal.gamma),
                                                        by_class, b)) {
@@ -175,20 +131,9 @@ std::string SoftmaxStatsImpl(const SeglossProblem& p, const ParallelFor& paralle
   };
   parallel_for(plan.num_items, plan.positions_per_item * classes * 8, run_items);
 
-  SoftmaxCounts total;
-  for (const SoftmaxCounts& c : item_counts) {
-    total.invalid_labels += c.invalid_labels;
-    total.invalid_weights += c.invalid_weights;
-    total.nonfinite_logits += c.nonfinite_logits;
-    total.bad_ids.Add(c.bad_ids);
-  }
-  if (total.nonfinite_logits > 0) {
-    return "`logits` contain " + std::to_string(total.nonfinite_logits) +
-           " NaN or Inf value(s) (check_numerics=True)";
-  }
-  std::string error =
-      InvalidClassIdsMessage(p, total.bad_ids.count, total.bad_ids.min, total.bad_ids.max);
-  if (error.empty()) error = InvalidValuesMessage(total.invalid_labels, total.invalid_weights);
+  ForwardCounts total;
+  for (const ForwardCounts& c : item_counts) total.Add(c);
+  const std::string error = ForwardCountsMessage(p, total);
   if (!error.empty()) return error;
 
   // Item partials in item order (fixed), then one rounding to float32.

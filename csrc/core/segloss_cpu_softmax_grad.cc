@@ -23,26 +23,16 @@ namespace fused_segloss {
 namespace cpu {
 namespace {
 
-// The compute-type buffers of one thread, [C][kWidth] unless noted.
+// The staged vector, u ([C][kWidth]) and the item's upstream gradients ([3][C]: g_ce,
+// g_inter, g_pred of the item's image).
 template <typename Compute>
-struct GradScratch {
+struct GradScratch : StagedVector<Compute> {
   GradScratch(int64_t classes, bool sparse, bool weighted)
-      : x(classes * kSoftmaxWidth<Compute>),
-        e(classes * kSoftmaxWidth<Compute>),
+      : StagedVector<Compute>(classes, sparse, weighted),
         u(classes * kSoftmaxWidth<Compute>),
-        z(sparse ? kSoftmaxWidth<Compute> : classes * kSoftmaxWidth<Compute>),
-        keep(kSoftmaxWidth<Compute>),
-        by_class(weighted ? classes * kSoftmaxWidth<Compute> : 0),
-        upstream(3 * classes),
-        transpose(classes) {}
-  std::vector<Compute> x;     // the logits, then the gradient
-  std::vector<Compute> e;     // exp(x - m), then p
+        upstream(3 * classes) {}
   std::vector<Compute> u;
-  std::vector<Compute> z;     // dense labels, or the class id per position ([kWidth])
-  std::vector<Compute> keep;  // per position: 0 ignored, invalid or padding, else 1 (x weight)
-  std::vector<Compute> by_class;  // class-dependent weights
-  std::vector<Compute> upstream;  // [3][C]: g_ce, g_inter, g_pred of the item's image
-  PixelTranspose<Compute> transpose;
+  std::vector<Compute> upstream;
 };
 
 // The gradient of one staged vector, into b.x ([C][kWidth], the compute type).
@@ -54,9 +44,7 @@ void GradientVector(int64_t classes, bool squared, Compute gamma_value, bool by_
   Compute* x = b.x.data();
   Compute* e = b.e.data();
   Compute* u = b.u.data();
-  const SoftmaxPixel<Vec> px = SoftmaxNormaliseKeepingExp<Vec>(
-      classes, [&](int64_t c) { return Load<Vec>(x + c * kWidth); },
-      [&](int64_t c, const Vec& exp_c) { StoreVec(exp_c, e + c * kWidth); });
+  const SoftmaxPixel<Vec> px = NormaliseStaged<Vec>(classes, b);
   const Vec keep = Load<Vec>(b.keep.data());
   const Vec ids = kSparse ? Load<Vec>(b.z.data()) : Vec(0.0f);
   const Vec gamma(gamma_value);
@@ -67,13 +55,8 @@ void GradientVector(int64_t classes, bool squared, Compute gamma_value, bool by_
   for (int64_t c = 0; c < classes; ++c) {
     const SoftmaxClass<Vec> cls =
         SoftmaxClassGivenExp(Load<Vec>(x + c * kWidth), Load<Vec>(e + c * kWidth), px);
-    Vec z;
-    if constexpr (kSparse) {
-      z = Select(Abs(ids - Vec(static_cast<float>(c))) < Vec(0.5f), Vec(1.0f), Vec(0.0f));
-    } else {
-      z = Load<Vec>(b.z.data() + c * kWidth);
-    }
-    const Vec w = by_class ? Load<Vec>(b.by_class.data() + c * kWidth) * keep : keep;
+    const Vec z = StagedLabel<kSparse>(b, ids, c);
+    const Vec w = StagedWeight(b, keep, by_class, c);
     const Vec u_c = SoftmaxGradientTerm(cls, z, w, Vec(g_ce[c]), Vec(g_inter[c]),
                                         Vec(g_pred[c]), squared, kFocal, gamma);
     StoreVec(u_c, u + c * kWidth);
@@ -133,21 +116,12 @@ std::string SoftmaxGradImpl(const SeglossProblem& p, const float* grad_stats,
       }
       for (int64_t pos = item.begin; pos < item.end; pos += kWidth) {
         const int64_t n = std::min(kWidth, item.end - pos);
-        const int64_t at = ElementIndex(s, item.batch, pos, 0);
-        StageClassMajor(s, logits + at, n, b.transpose, b.x.data());
-        if constexpr (kSparse) {
-          StageClassIds(p, labels + item.batch * s.positions + pos, n, b.z.data(),
-                        b.keep.data(), /*bad=*/nullptr);
-        } else {
-          StageClassMajor(s, labels + at, n, b.transpose, b.z.data());
-          StageKeep(n, b.keep.data());
-        }
-        const bool by_class =
-            weighted && StageWeights(p, strides, item.batch, pos, n, b.keep.data(),
-                                     b.by_class.data(), /*invalid=*/nullptr);
+        const bool by_class = StageVector<kSparse>(p, strides, item.batch, pos, n, logits,
+                                                   labels, b, /*counts=*/nullptr);
         GradientVector<Compute, kSparse, kFocal>(
             classes, p.squared, static_cast<Compute>(p.focal.gamma), by_class, b);
-        WriteGradient(s, b.x.data(), n, b.transpose, out + at);
+        WriteGradient(s, b.x.data(), n, b.transpose,
+                      out + ElementIndex(s, item.batch, pos, 0));
       }
     }
   };

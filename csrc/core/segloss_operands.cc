@@ -49,15 +49,7 @@ std::string ProblemFromOperands(const OperandView& logits, const OperandView& la
            " are class ids: their shape must be the logits' without the class axis (dense "
            "labels: a float type, uint8 or bool)";
   }
-  if (options.has_ignore_index && !sparse) {
-    return "`ignore_index` needs sparse integer `labels` (class ids)";
-  }
-  if (softmax && pos_weight.rank != 0) {
-    return "`pos_weight` has no meaning with activation='softmax' (use class_weights)";
-  }
-  if (softmax && options.focal.alpha >= 0.0f) {
-    return "`focal_alpha` has no meaning with activation='softmax' (use class_weights)";
-  }
+  // The options softmax mode excludes are ValidateProblem's (the last step here).
   p->activation = options.activation;
   p->sparse_labels = sparse;
   p->has_ignore_index = options.has_ignore_index;

@@ -10,7 +10,6 @@
 #include <cuda_runtime.h>
 
 #include <string>
-#include <type_traits>
 
 #include "segloss_cuda.h"
 #include "segloss_cuda_launch.h"
@@ -80,14 +79,7 @@ constexpr size_t kCountersBytes = kCounters * sizeof(unsigned long long);
 // (class-id types when its labels are sparse); -1 for an unsupported pair.
 template <typename Fn>
 int DispatchProblem(const SeglossProblem& p, Fn&& fn) {
-  if (p.sparse_labels) {
-    return DispatchClassIdDTypes<int>(p.logits_dtype, p.labels_dtype, -1, [&](auto x, auto z) {
-      return fn(x, z, std::true_type{});
-    });
-  }
-  return DispatchDTypes<int>(p.logits_dtype, p.labels_dtype, -1, [&](auto x, auto z) {
-    return fn(x, z, std::false_type{});
-  });
+  return DispatchLabelDTypes<int>(p.sparse_labels, p.logits_dtype, p.labels_dtype, -1, fn);
 }
 
 // The message for the counters of a forward pass ("" when every value was valid).

@@ -33,7 +33,6 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "bind_problem.h"
@@ -197,14 +196,8 @@ void SimulateSoftmaxGrad(const SeglossProblem& p, const float* grad_stats, void*
 // the launcher dispatches (class-id types for sparse labels).
 template <typename Result, typename Fn>
 Result DispatchProblem(const SeglossProblem& p, Result unsupported, Fn&& fn) {
-  if (p.sparse_labels) {
-    return fused_segloss::DispatchClassIdDTypes<Result>(
-        p.logits_dtype, p.labels_dtype, unsupported,
-        [&](auto x, auto z) { return fn(x, z, std::true_type{}); });
-  }
-  return fused_segloss::DispatchDTypes<Result>(
-      p.logits_dtype, p.labels_dtype, unsupported,
-      [&](auto x, auto z) { return fn(x, z, std::false_type{}); });
+  return fused_segloss::DispatchLabelDTypes<Result>(p.sparse_labels, p.logits_dtype,
+                                                    p.labels_dtype, unsupported, fn);
 }
 
 template <typename LogitT, typename LabelT, bool kSquared>

@@ -124,7 +124,8 @@ def main(argv=None):
             r["vs_fused"] = r["median_ms"] / fused_ms if fused_ms and "median_ms" in r else None
             r["peak_extra_mb"] = r["peak_extra_bytes"] / MB if "peak_extra_bytes" in r else None
         floor = rows[loss.FLOOR]
-        losses = [r["loss"] for label, r in rows.items() if "loss" in r and label != loss.FUSED_PLAIN]
+        losses = [r["loss"] for label, r in rows.items()
+                  if "loss" in r and label != loss.FUSED_PLAIN]
         result["loss"] = {"shape": shape._asdict(), "rounds": rounds, "rows": rows,
                           "losses_agree": max(losses) - min(losses) < 1e-3 * max(losses)}
         tables.append(table(

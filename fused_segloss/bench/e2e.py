@@ -1,7 +1,8 @@
 """End-to-end section: Keras `model.fit` steps of the demo U-Net with three losses.
 
 Configs: fsl.keras.SegLoss() (with the shape's activation and focal_gamma); the
-hand-written TF CE + Dice (loss.plain_loss) as a Keras loss; a trivial loss (the mean of the logits), whose step is the model's own cost.
+hand-written TF CE + Dice (loss.plain_loss) as a Keras loss; a trivial loss (the mean of
+the logits), whose step is the model's own cost.
 Each config lives in its own process, so its peak RSS (VmHWM when it exits) is its own.
 Keras' defaults: Adam, jit_compile="auto" (no XLA on CPU; the resolved value is reported).
 Data: one fixed random batch, repeated by tf.data. With channels_first, a Permute layer

@@ -3,14 +3,14 @@
 Every path computes cross-entropy + per-class soft Dice and its gradient dLoss/dlogits on
 the same float32 logits, inside a tf.function (the step Keras `fit` runs): sigmoid with
 float32 0/1 labels, or softmax with uint8 class ids (Shape.activation); with a focal_gamma,
-the focal cross-entropy, and the plain fused loss as an extra row. A round calls every row once, the first row rotating from round to round, so
-a shared machine's drift falls on all rows alike; a row's time is its median over the
-rounds, and its ratio to the fused row comes from those same rounds. The bytes-moved floor
-is a memory copy reading and writing as many bytes as the fused passes must move (forward:
-read logits and labels; backward: read both again, write the gradient: 20 bytes per
-element with float32 labels, 12 per element + 2 per pixel with uint8 class ids), split
-over the usable CPUs like TF's kernels and timed in the same rounds: no loss step can be
-faster than moving its data once.
+the focal cross-entropy, and the plain fused loss as an extra row. A round calls every row
+once, the first row rotating from round to round, so a shared machine's drift falls on all
+rows alike; a row's time is its median over the rounds, and its ratio to the fused row
+comes from those same rounds. The bytes-moved floor is a memory copy reading and writing
+as many bytes as the fused passes must move (forward: read logits and labels; backward:
+read both again, write the gradient: 20 bytes per element with float32 labels, 12 per
+element + 2 per pixel with uint8 class ids), split over the usable CPUs like TF's kernels
+and timed in the same rounds: no loss step can be faster than moving its data once.
 """
 import os
 import time

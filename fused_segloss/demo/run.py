@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .data import CLASS_NAMES, IGNORE_ID, MULTICLASS_NAMES, batches, draw_batch
+from .data import CLASS_NAMES, IGNORE_ID, MULTICLASS_NAMES, RARE_CLASS, batches, draw_batch
 
 # (label, SegLoss options). The same data stream and initial weights for every run.
 RUNS = (
@@ -37,7 +37,7 @@ MULTICLASS_RUNS = (
 TASKS = {"multilabel": (CLASS_NAMES, RUNS, {}),
          "multiclass": (MULTICLASS_NAMES, MULTICLASS_RUNS,
                         {"activation": "softmax", "ignore_index": IGNORE_ID})}
-RARE = "spot"
+RARE = CLASS_NAMES[RARE_CLASS]  # the same name in both tasks
 QUICK = dict(size=32, batch_size=4, steps=6, epochs=2, val_images=8, runs="1,2")
 
 

@@ -13,6 +13,8 @@ twice in the CE mean and in the Dice sums.
 """
 import tensorflow as tf
 
+from .. import _inputs
+
 
 def sample_weight_to_weights(sample_weight, logits_rank, data_format="channels_last"):
     """The element-weight tensor for `segloss_stats`, or None when `sample_weight` is None."""
@@ -58,7 +60,5 @@ def keras_labels(y_true, logits, activation, data_format="channels_last"):
     if labels.shape.rank is None or rank is None:
         return labels
     class_axis = rank - 1 if data_format == "channels_last" else 1
-    sparse = labels.shape.rank == rank - 1 or (
-        labels.shape.rank == rank and labels.shape[class_axis] == 1
-        and logits.shape[class_axis] != 1)
+    sparse = _inputs.sparse_form(labels.shape, logits.shape, class_axis) is not None
     return tf.cast(labels, tf.int32) if sparse else labels
